@@ -34,8 +34,18 @@ class AttachMode(enum.StrEnum):
 
 
 _MODE_FLAGS = {AttachMode.NATIVE: XDP_FLAGS_DRV_MODE, AttachMode.GENERIC: XDP_FLAGS_SKB_MODE}
-# IFLA_XDP_ATTACHED values
-_ATTACHED_MODES = {1: AttachMode.NATIVE, 2: AttachMode.GENERIC, 3: "offload", 4: "multi"}
+# IFLA_XDP_ATTACHED values, as numbers or as pyroute2 decodes them
+_ATTACHED_MODES: dict[int | str, str] = {
+    1: AttachMode.NATIVE,
+    2: AttachMode.GENERIC,
+    3: "offload",
+    4: "multi",
+    "xdp": AttachMode.NATIVE,
+    "xdpdrv": AttachMode.NATIVE,
+    "xdpgeneric": AttachMode.GENERIC,
+    "xdpoffload": "offload",
+    "xdpmulti": "multi",
+}
 
 
 @dataclass(frozen=True)
@@ -67,7 +77,7 @@ def info(ifname: str) -> XdpInfo:
     xdp = link.get("IFLA_XDP")
     attached = xdp.get("IFLA_XDP_ATTACHED") if xdp is not None else None
     prog_id = (xdp.get("IFLA_XDP_PROG_ID") if xdp is not None else None) or 0
-    mode = _ATTACHED_MODES.get(attached or 0)
+    mode = _ATTACHED_MODES.get(attached) if attached else None
     return XdpInfo(ifname, int(link["index"]), str(mode) if mode else None, int(prog_id))
 
 
