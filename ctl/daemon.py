@@ -31,6 +31,9 @@ from ctl.layout import Session, SessionEvent, port_host
 from ctl.loader import DEFAULT_PIN_DIR, LoadError, MapSizes, RelayProgram
 from ctl.maps import RelayAddresses, RelayMaps, SessionEntry, monotonic_ns
 from ctl.metrics import MetricsServer, RelaySources, make_registry
+from ctl.redisstate import RedisState, connect, redact
+from ctl.redissync import RedisSync
+from ctl.store import KernelState, MemoryState, RelayState
 from ctl.xdp import AttachMode, XdpError, detach, info
 
 log = logging.getLogger("splitrelay.relay")
@@ -61,6 +64,7 @@ class DaemonConfig:
     metrics_port: int = 9478
     redis_url: str | None = None
     redis_prefix: str = "splitrelay:"
+    relay_id: str | None = None  # default: the public endpoints
     detach_on_exit: bool = False
     transceivers: list[tuple[int, IPAddress, int]] = field(default_factory=list)
 
@@ -94,6 +98,8 @@ class RelayDaemon:
         self.attached: dict[str, str] = {}
         self.fallback_reason: str | None = None
         self.relay: object | None = None
+        self.state: RelayState | None = None
+        self.sync: RedisSync | None = None
         self.metrics: MetricsServer | None = None
         self.counters = {"sessions_expired": 0, "events_lost": 0}
         self.session_listeners: list[Callable[[SessionEntry, str], None]] = []
@@ -111,6 +117,8 @@ class RelayDaemon:
             raise DaemonError("no tunnel address: give --tunnel ADDR")
         addresses = cfg.addresses()
         self._load_data_plane(addresses)
+        self.state = self._make_state()
+        await self._start_redis()
         await self._start_userspace(addresses)
         self._start_metrics()
         if self.program is not None:
@@ -121,20 +129,25 @@ class RelayDaemon:
 
     def _load_data_plane(self, addresses: RelayAddresses) -> None:
         cfg = self.config
-        if cfg.mode is None:
-            self.fallback_reason = "XDP disabled by --no-xdp"
-        else:
-            try:
-                self.program = RelayProgram(cfg.pin_dir, cfg.sizes).load()
-            except (LoadError, OSError) as exc:
-                self.fallback_reason = f"cannot load the XDP program: {_one_line(exc)}"
+        try:
+            # Loaded even with --no-xdp: the pinned maps then hold the state, so
+            # the CLI works and a restart keeps the sessions.
+            self.program = RelayProgram(cfg.pin_dir, cfg.sizes).load()
+        except (LoadError, OSError) as exc:
+            self.fallback_reason = f"cannot load the XDP program: {_one_line(exc)}"
         if self.program is not None:
             self.maps = RelayMaps(cfg.pin_dir)
             self.maps.set_addresses(addresses)
             for tid, addr, port in cfg.transceivers:
                 self.maps.put_transceiver(tid, addr, port)
-            self.program.pin_program()
-            self._attach_all()
+            if cfg.mode is None:
+                self.fallback_reason = "XDP disabled by --no-xdp"
+                for ifname in cfg.interfaces:  # a previous run's program must not forward
+                    with contextlib.suppress(XdpError):
+                        detach(ifname)
+            else:
+                self.program.pin_program()
+                self._attach_all()
         if self.fallback_reason:
             log.warning(
                 "XDP not in use, the userspace path relays everything: %s", self.fallback_reason
@@ -173,20 +186,52 @@ class RelayDaemon:
                             path,
                         )
 
+    def _make_state(self) -> RelayState:
+        if self.maps is not None:
+            return KernelState(self.maps)
+        state = MemoryState(self.config.sizes.sessions)
+        for tid, addr, port in self.config.transceivers:
+            state.put_transceiver(tid, addr, port)
+        return state
+
+    async def _start_redis(self) -> None:
+        """Join the shared state; Redis being down now is not an error."""
+        cfg = self.config
+        if not cfg.redis_url:
+            return
+        try:
+            client = connect(cfg.redis_url)
+        except ValueError as exc:
+            raise DaemonError(str(exc)) from exc
+        relay_id = cfg.relay_id or ",".join(_endpoint(a, cfg.public_port) for a in cfg.public)
+        assert self.state is not None
+        self.sync = RedisSync(
+            RedisState(client, cfg.redis_prefix),
+            self.state,
+            relay_id,
+            session_ttl=int(max(1.0, 2 * cfg.idle_timeout)),
+            static_transceivers=[tid for tid, _, _ in cfg.transceivers],
+        )
+        await self.sync.start()
+        self.session_listeners.append(self.sync.on_session)
+        log.info(
+            "Redis %s (%s), relay id %s, %d sessions loaded",
+            redact(cfg.redis_url),
+            "up" if self.sync.stats.up else "down: retrying",
+            relay_id,
+            self.sync.stats.sessions_loaded,
+        )
+
     async def _start_userspace(self, addresses: RelayAddresses) -> None:
-        from ctl.store import KernelState, MemoryState
         from ctl.userspace import RelayError, UserspaceRelay
 
-        state = (
-            KernelState(self.maps)
-            if self.maps is not None
-            else MemoryState(self.config.sizes.sessions)
+        assert self.state is not None
+        relay = UserspaceRelay(
+            addresses,
+            self.state,
+            recover=self.sync.recover if self.sync is not None else None,
+            on_session=self._on_userspace_session,
         )
-        if self.maps is None:
-            for tid, addr, port in self.config.transceivers:
-                state.put_transceiver(tid, addr, port)
-        self.state = state
-        relay = UserspaceRelay(addresses, state, on_session=self._on_userspace_session)
         try:
             await relay.start()
         except RelayError as exc:
@@ -202,7 +247,8 @@ class RelayDaemon:
             userspace_counters=lambda: self.relay.counters if self.relay else {},  # type: ignore[attr-defined]
             session_count=self.session_count,
             xdp_attachments=lambda: dict(self.attached),
-            daemon_counters=lambda: dict(self.counters),
+            daemon_counters=self._daemon_counters,
+            redis_up=lambda: self.sync.stats.up if self.sync is not None else None,
         )
         try:
             self.metrics = MetricsServer(make_registry(sources), cfg.metrics_host, cfg.metrics_port)
@@ -221,6 +267,8 @@ class RelayDaemon:
                 await task
         if self.relay is not None:
             await self.relay.close()  # type: ignore[attr-defined]
+        if self.sync is not None:
+            await self.sync.stop()
         if self.metrics is not None:
             self.metrics.stop()
         if self.config.detach_on_exit:
@@ -242,11 +290,23 @@ class RelayDaemon:
         await self._stopping.wait()
 
     # ------------------------------------------------------------ sessions
+    def _daemon_counters(self) -> dict[str, int]:
+        out = dict(self.counters)
+        if self.sync is not None:
+            st = self.sync.stats
+            out.update(
+                redis_errors=st.errors,
+                sessions_recovered=st.sessions_recovered,
+                redis_sessions_written=st.sessions_written,
+                redis_writes_dropped=st.writes_dropped,
+            )
+        return out
+
     def session_count(self) -> int:
         """Sessions in the kernel map (or the userspace table)."""
         if self.maps is not None:
             return sum(1 for _ in self.maps.sessions)
-        return sum(1 for _ in self.state.iter_sessions())
+        return self.state.session_count() if self.state is not None else 0
 
     def _on_kernel_event(self, event: SessionEvent) -> None:
         assert self.maps is not None
@@ -313,7 +373,7 @@ class RelayDaemon:
                 else None,
                 public=[_endpoint(a, cfg.public_port) for a in cfg.public],
                 tunnel=[_endpoint(a, cfg.tunnel_port) for a in cfg.tunnel],
-                redis=cfg.redis_url.split("@")[-1] if cfg.redis_url else None,
+                redis=redact(cfg.redis_url) if cfg.redis_url else None,
             )
         )
 
@@ -344,8 +404,15 @@ def _parse_transceiver(text: str) -> tuple[int, IPAddress, int]:
     tid_text, sep, endpoint = text.partition("=")
     if not sep:
         raise ValueError(f"transceiver {text!r}: expected ID=ADDR:PORT")
-    addr, port = parse_endpoint(endpoint)
-    return parse_tid(tid_text), addr, port
+    ep = parse_endpoint(endpoint)
+    return parse_tid(tid_text), ep.addr, ep.port
+
+
+def _parse_address(text: str) -> IPAddress:
+    try:
+        return ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address") from None
 
 
 def _parse_hostport(text: str) -> tuple[str, int]:
@@ -444,6 +511,12 @@ def _parse_hostport(text: str) -> tuple[str, int]:
     "--redis-prefix", default="splitrelay:", show_default=True, help="Prefix of every Redis key."
 )
 @click.option(
+    "--relay-id",
+    default=None,
+    help="Name of this relay in Redis (default: its public endpoints, so a replacement "
+    "on the same address loads the same sessions).",
+)
+@click.option(
     "--detach-on-exit",
     is_flag=True,
     help="Detach XDP when stopping (default: keep forwarding for a restart).",
@@ -477,14 +550,12 @@ def run_command(**opts: object) -> None:
 
 
 def _config_from_options(opts: dict[str, object], pin_dir: Path) -> DaemonConfig:
-    from ctl.cliutil import parse_address
-
     host, port = _parse_hostport(str(opts["metrics_addr"]))
     return DaemonConfig(
         interfaces=list(opts["interfaces"]),  # type: ignore[call-overload]
-        public=[parse_address(a) for a in opts["public"]],  # type: ignore[attr-defined]
+        public=[_parse_address(a) for a in opts["public"]],  # type: ignore[attr-defined]
         public_port=int(opts["public_port"]),  # type: ignore[call-overload]
-        tunnel=[parse_address(a) for a in opts["tunnel"]],  # type: ignore[attr-defined]
+        tunnel=[_parse_address(a) for a in opts["tunnel"]],  # type: ignore[attr-defined]
         tunnel_port=int(opts["tunnel_port"]),  # type: ignore[call-overload]
         mode=None if opts["no_xdp"] else AttachMode(str(opts["mode"])),
         pin_dir=pin_dir,
@@ -497,6 +568,7 @@ def _config_from_options(opts: dict[str, object], pin_dir: Path) -> DaemonConfig
         metrics_port=port,
         redis_url=opts["redis_url"],  # type: ignore[arg-type]
         redis_prefix=str(opts["redis_prefix"]),
+        relay_id=opts["relay_id"],  # type: ignore[arg-type]
         detach_on_exit=bool(opts["detach_on_exit"]),
         transceivers=[_parse_transceiver(t) for t in opts["transceivers"]],  # type: ignore[attr-defined]
     )

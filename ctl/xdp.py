@@ -8,13 +8,20 @@ controller restart hitless: the new program takes over between two packets.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import enum
 import os
+import socket
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+
+T = TypeVar("T")
 
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
 XDP_FLAGS_SKB_MODE = 1 << 1
@@ -60,20 +67,51 @@ class XdpInfo:
 
 def ifindex(ifname: str) -> int:
     """The interface index in the calling thread's network namespace."""
+    try:
+        return socket.if_nametoindex(ifname)
+    except OSError:
+        raise XdpError(f"interface {ifname!r} does not exist") from None
+
+
+def _outside_event_loop(fn: Callable[[], T]) -> T:
+    """Run fn in a helper thread when this thread runs an asyncio loop.
+
+    pyroute2's synchronous IPRoute drives an event loop of its own, which
+    cannot run inside another one. The helper thread is created from this
+    thread, so it is in the same network namespace.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return fn()
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(fn())
+        except BaseException as exc:
+            error.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def _get_link(ifname: str) -> Any:
     with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=ifname)
-    if not found:
-        raise XdpError(f"interface {ifname!r} does not exist")
-    return int(found[0])
+        try:
+            return ipr.link("get", ifname=ifname)[0]
+        except NetlinkError as exc:
+            raise XdpError(f"interface {ifname!r} does not exist") from exc
 
 
 def info(ifname: str) -> XdpInfo:
     """The XDP attachment of an interface."""
-    with IPRoute() as ipr:
-        try:
-            link = ipr.link("get", ifname=ifname)[0]
-        except NetlinkError as exc:
-            raise XdpError(f"interface {ifname!r} does not exist") from exc
+    link = _outside_event_loop(lambda: _get_link(ifname))
     xdp = link.get("IFLA_XDP")
     attached = xdp.get("IFLA_XDP_ATTACHED") if xdp is not None else None
     prog_id = (xdp.get("IFLA_XDP_PROG_ID") if xdp is not None else None) or 0

@@ -1,0 +1,88 @@
+"""A transceiver worker's entry in the shared registry (docs/redis-schema.md).
+
+The heartbeat is the record's own TTL: the worker rewrites it every few
+seconds, and if the worker dies the record expires, so every relay removes
+the transceiver and its sessions within a TTL. Redis being unreachable is
+logged once and retried; it never stops the worker's calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from redis.exceptions import RedisError
+
+from ctl.layout import TransceiverState
+from ctl.redisstate import HEARTBEAT_INTERVAL, HEARTBEAT_TTL, RedisState, connect
+from ctl.redissync import transceiver_record
+
+log = logging.getLogger("splitrelay.transceiver.registry")
+
+
+class Registration:
+    """Keeps one worker registered while it runs."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        tid: int,
+        tunnel_addr: str,
+        tunnel_port: int,
+        prefix: str = "splitrelay:",
+        interval: float = HEARTBEAT_INTERVAL,
+        ttl: int = HEARTBEAT_TTL,
+    ) -> None:
+        self.redis = RedisState(connect(redis_url), prefix)
+        self.tid = tid
+        self.addr = tunnel_addr
+        self.port = tunnel_port
+        self.interval = interval
+        self.ttl = ttl
+        self.draining = False
+        self.up = False
+        self.errors = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Register now (best effort) and keep the heartbeat going."""
+        await self._beat()
+        self._task = asyncio.create_task(self._loop())
+
+    async def _beat(self) -> None:
+        record = transceiver_record(self.tid, self.addr, self.port, draining=self.draining)
+        try:
+            await self.redis.put_transceiver(record, ttl=self.ttl)
+        except (RedisError, OSError) as exc:
+            self.errors += 1
+            if self.up or self.errors == 1:
+                log.warning("cannot register transceiver %08x in Redis: %s", self.tid, exc)
+            self.up = False
+            return
+        if not self.up:
+            log.info("transceiver %08x registered at %s:%d", self.tid, self.addr, self.port)
+        self.up = True
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self._beat()
+
+    async def drain(self) -> None:
+        """No new sessions for this worker; existing ones continue."""
+        self.draining = True
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.set_transceiver_state(self.tid, TransceiverState.DRAINING)
+        await self._beat()
+
+    async def stop(self) -> None:
+        """Leave the registry (relays drop the transceiver at once)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.remove_transceiver(self.tid)
+        with contextlib.suppress(Exception):
+            await self.redis.r.aclose()
