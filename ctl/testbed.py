@@ -794,6 +794,7 @@ class Testbed:
             _stop_pids(strays)
             removed = [ns for ns in sorted(names) if remove_netns(ns)]
             self.state_file.unlink(missing_ok=True)
+            (STATE_DIR / f"testbed-{self.prefix}.lock").unlink(missing_ok=True)
             if not keep_logs and self.log_dir.is_dir():
                 for f in self.log_dir.iterdir():
                     f.unlink(missing_ok=True)
@@ -826,9 +827,13 @@ class Testbed:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        """Serialise up/down/spawn across processes with flock on the state directory."""
+        """Serialise up/down/spawn of this testbed across processes (flock per prefix).
+
+        Testbeds with other prefixes never wait for each other.
+        """
         STATE_DIR.mkdir(parents=True, exist_ok=True)
-        fd = os.open(STATE_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        lock = STATE_DIR / f"testbed-{self.prefix}.lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

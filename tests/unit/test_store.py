@@ -8,7 +8,9 @@ counters the CLI and the idle sweep read.
 
 from __future__ import annotations
 
+import sys
 import threading
+import time
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 import pytest
@@ -155,17 +157,21 @@ def test_safe_to_read_from_another_thread() -> None:
             while not stop.is_set():
                 list(st.iter_sessions())
                 st.session_count()
+                time.sleep(0.0001)  # a scrape loop, not a GIL hog
         except BaseException as exc:  # pragma: no cover - the failure being tested for
             errors.append(exc)
 
     thread = threading.Thread(target=reader)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, so a missing lock shows
     thread.start()
     try:
-        for i in range(20_000):
+        for i in range(5_000):
             st.put_session(C4, i % 200, 1, R4, 3478)
             st.touch(C4, (i * 7) % 200, True, 1)
             st.remove_session(C4, (i * 13) % 200)
     finally:
         stop.set()
         thread.join()
+        sys.setswitchinterval(interval)
     assert not errors
