@@ -25,17 +25,18 @@ Choices the brief left open:
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import sys
 import time
 import traceback
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -45,7 +46,9 @@ from ctl.bpfsys import BpfError, PinnedMap
 from ctl.daemon import run_command
 from ctl.layout import TransceiverState
 from ctl.loader import DEFAULT_PIN_DIR, MAP_NAMES, PROGRAM_NAME, RelayProgram
-from ctl.maps import RelayMaps, monotonic_ns
+from ctl.maps import RelayMaps, TransceiverEntry, monotonic_ns
+from ctl.redisstate import RedisState, connect, redact
+from ctl.redissync import transceiver_record
 
 PROG = "relayctl"
 ERROR_PREFIX = f"{PROG}: error: "
@@ -57,6 +60,11 @@ class Settings:
 
     pin_dir: Path = DEFAULT_PIN_DIR
     debug: bool = False
+    redis_url: str | None = None
+    redis_prefix: str = "splitrelay:"
+
+
+T = TypeVar("T")
 
 
 class RelayctlGroup(click.Group):
@@ -243,11 +251,49 @@ def sessions_flush(settings: Settings, yes: bool) -> None:
 
 
 @relayctl.group()
-def transceivers() -> None:
-    """Transceivers the relay may forward to (the BPF copy of the registry).
+@click.option(
+    "--redis-url",
+    envvar="SPLITRELAY_REDIS_URL",
+    metavar="URL",
+    help="Edit the shared registry in Redis instead of this relay's maps "
+    "(every relay mirrors it within a second).",
+)
+@click.option(
+    "--redis-prefix",
+    envvar="SPLITRELAY_REDIS_PREFIX",
+    default="splitrelay:",
+    show_default=True,
+    help="Prefix of the Redis keys.",
+)
+@click.pass_obj
+def transceivers(settings: Settings, redis_url: str | None, redis_prefix: str) -> None:
+    """Transceivers the relay may forward to.
 
-    A running daemon that syncs the registry from Redis may overwrite edits.
+    Without --redis-url these commands edit the relay's BPF copy of the
+    registry; a daemon that syncs the registry from Redis may overwrite them.
+    With --redis-url they write the shared registry (operator records, no TTL).
     """
+    settings.redis_url = redis_url
+    settings.redis_prefix = redis_prefix
+
+
+def _registry(settings: Settings, action: Callable[[RedisState], Awaitable[T]]) -> T:
+    """Run one registry operation against Redis, with a one-line error if it is down."""
+    from redis.exceptions import RedisError
+
+    async def run() -> T:
+        state = RedisState(connect(settings.redis_url or ""), settings.redis_prefix)
+        try:
+            return await action(state)
+        finally:
+            await state.r.aclose()
+
+    try:
+        return asyncio.run(run())
+    except (RedisError, OSError) as exc:
+        raise click.ClickException(
+            f"Redis {redact(settings.redis_url or '')}: {' '.join(str(exc).split())}"
+        ) from None
 
 
 @transceivers.command("ls")
@@ -255,9 +301,14 @@ def transceivers() -> None:
 @click.pass_obj
 def transceivers_ls(settings: Settings, as_json: bool) -> None:
     """List transceivers with their sessions count."""
-    with _open_maps(settings) as maps:
-        entries = maps.list_transceivers()
-        owned = Counter(s.tid for s in maps.iter_sessions())
+    if settings.redis_url:
+        found = _registry(settings, lambda r: r.list_transceivers())
+        entries = [TransceiverEntry(t.tid, t.addr, t.port, t.state) for t in found]
+        owned: Counter[int] = Counter()
+    else:
+        with _open_maps(settings) as maps:
+            entries = maps.list_transceivers()
+            owned = Counter(s.tid for s in maps.iter_sessions())
     records = [cu.transceiver_record(e, owned.get(e.tid, 0)) for e in entries]
     if as_json:
         _emit_json(records)
@@ -274,6 +325,14 @@ def transceivers_ls(settings: Settings, as_json: bool) -> None:
 def transceivers_add(settings: Settings, tid: int, address: cu.Endpoint, draining: bool) -> None:
     """Add or replace transceiver ID at its tunnel ADDR:PORT (active unless --draining)."""
     state = TransceiverState.DRAINING if draining else TransceiverState.ACTIVE
+    if settings.redis_url:
+        rec = transceiver_record(tid, address.addr, address.port, draining, source="operator")
+        _registry(settings, lambda r: r.put_transceiver(rec, ttl=None))
+        click.echo(
+            f"registered transceiver {cu.format_tid(tid)} at {address} "
+            f"({state.name.lower()}) in Redis"
+        )
+        return
     with _open_maps(settings) as maps:
         verb = "updated" if maps.transceiver(tid) is not None else "added"
         maps.put_transceiver(tid, address.addr, address.port, state)
@@ -284,7 +343,15 @@ def transceivers_add(settings: Settings, tid: int, address: cu.Endpoint, drainin
 @click.argument("tid", metavar="ID", type=cu.TRANSCEIVER_ID)
 @click.pass_obj
 def transceivers_rm(settings: Settings, tid: int) -> None:
-    """Remove transceiver ID; its sessions stay until they expire or are removed."""
+    """Remove transceiver ID; its sessions stay until they expire or are removed.
+
+    With --redis-url every relay removes it, and its sessions with it.
+    """
+    if settings.redis_url:
+        if not _registry(settings, lambda r: r.remove_transceiver(tid)):
+            raise click.ClickException(f"no transceiver {cu.format_tid(tid)} in Redis")
+        click.echo(f"removed transceiver {cu.format_tid(tid)} from Redis")
+        return
     with _open_maps(settings) as maps:
         if not maps.remove_transceiver(tid):
             raise click.ClickException(f"no transceiver {cu.format_tid(tid)}")
@@ -298,6 +365,12 @@ def transceivers_rm(settings: Settings, tid: int) -> None:
 @click.pass_obj
 def transceivers_drain(settings: Settings, tid: int) -> None:
     """Stop new sessions for ID; its existing sessions keep flowing."""
+    if settings.redis_url:
+        draining = TransceiverState.DRAINING
+        if not _registry(settings, lambda r: r.set_transceiver_state(tid, draining)):
+            raise click.ClickException(f"no transceiver {cu.format_tid(tid)} in Redis")
+        click.echo(f"transceiver {cu.format_tid(tid)} is draining (in Redis)")
+        return
     with _open_maps(settings) as maps:
         entry = maps.transceiver(tid)
         if entry is None:
