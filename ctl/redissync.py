@@ -313,13 +313,17 @@ class RedisSync:
         )
 
     async def load_sessions(self) -> int:
-        """Install this relay's recent sessions from Redis (at start)."""
+        """Install this relay's recent sessions from Redis (at start).
+
+        Sessions already in the map (a restarted daemon on pinned maps) are
+        kept as they are; sessions of unregistered transceivers are skipped.
+        """
         records = await self.redis.relay_sessions(self.relay_id, since=time.time() - self.ttl)
+        owners = {t.tid for t in self.state.list_transceivers()}
+        present = {(s.client_addr, s.client_port) for s in self.state.iter_sessions()}
         n = 0
         for record in records:
-            if self.state.get_transceiver(record.tid) is None:
-                continue
-            if self.state.get_session(record.client_addr, record.client_port) is None:
+            if record.tid in owners and (record.client_addr, record.client_port) not in present:
                 self._install(record)
                 n += 1
         self.stats.sessions_loaded += n

@@ -1,0 +1,484 @@
+"""The `transceiver` command: `run` (signaling + workers) and `call URL` (a voice client).
+
+Every option of `run` can also come from the environment
+(SPLITRELAY_TRANSCEIVER_<OPTION>, shown in --help), which is how the systemd
+units and containers configure it. Errors are one line on stderr and a
+non-zero exit, never a traceback: operators read these in journals and CI logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import click
+from yarl import URL
+
+from ctl.cliutil import ENDPOINT, TRANSCEIVER_ID, Endpoint
+
+PROG = "transceiver"
+ERROR_PREFIX = f"{PROG}: error: "
+ENV = "SPLITRELAY_TRANSCEIVER_"
+DEFAULT_LISTEN = "0.0.0.0:8080"
+DEFAULT_TUNNEL_PORT = 3480
+DEFAULT_MAX_CALLS = 50
+BACKENDS = ("echo", "ws")
+QUIET_LOGGERS = ("aiortc", "aioice", "aiohttp.access", "aiohttp.server", "asyncio")
+
+
+class CliError(click.ClickException):
+    """A failure the operator can act on: one stderr line, exit code `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    raise CliError(message, code)
+
+
+def _one_line(text: str) -> str:
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    return lines[0] if lines else ""
+
+
+class TransceiverGroup(click.Group):
+    """The root group: every failure becomes `transceiver: error: ...` on one stderr line.
+
+    In main() rather than a wrapper so the console script, `python -m` and
+    click's CliRunner behave the same. Exit codes: 2 usage, 130 interrupted,
+    1 anything else. --debug adds the traceback of an unexpected error.
+    """
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        debug = "--debug" in argv[:1]
+        try:
+            rv = super().main(argv, prog_name, complete_var, False, windows_expand_args, **extra)
+            code = rv if isinstance(rv, int) else 0
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx else PROG
+            _print_error(f"{_one_line(exc.format_message())} (see '{where} --help')")
+            code = exc.exit_code
+        except click.ClickException as exc:
+            _print_error(_one_line(exc.format_message()))
+            code = exc.exit_code
+        except (click.Abort, KeyboardInterrupt):
+            _print_error("interrupted")
+            code = 130
+        except Exception as exc:
+            if debug:
+                traceback.print_exc()
+            _print_error(
+                f"unexpected {type(exc).__name__}: {_one_line(str(exc))} (rerun with --debug)"
+            )
+            code = 1
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def _print_error(message: str) -> None:
+    click.echo(ERROR_PREFIX + message, err=True)
+
+
+def default_workers() -> int:
+    """One worker per core this process may run on (respects cpusets and affinity)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+class ListenType(click.ParamType):
+    """HOST:PORT for the signaling listener; HOST may be a name, [v6], or empty (all)."""
+
+    name = "HOST:PORT"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, tuple):
+            return value
+        text = str(value).strip()
+        if text.startswith("["):
+            host, sep, port = text[1:].partition("]:")
+        else:
+            host, sep, port = text.rpartition(":")
+            if ":" in host:
+                self.fail(f"{text!r}: an IPv6 address needs brackets, [v6]:port", param, ctx)
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            self.fail(f"{text!r} is not HOST:PORT with a port in 0..65535", param, ctx)
+        return (host or "0.0.0.0", int(port))
+
+
+class HostType(click.ParamType):
+    """An IP address (the tunnel socket is bound to it and relays send to it)."""
+
+    name = "ADDR"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            return str(ipaddress.ip_address(str(value).strip().strip("[]")))
+        except ValueError:
+            self.fail(f"{value!r} is not an IP address", param, ctx)
+
+
+class HttpUrlType(click.ParamType):
+    """An http(s) URL with a host."""
+
+    name = "URL"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            url = URL(str(value))
+        except ValueError:
+            self.fail(f"{value!r} is not a URL", param, ctx)
+        if url.scheme not in ("http", "https") or not url.host:
+            self.fail(f"{value!r} is not an http:// or https:// URL", param, ctx)
+        return str(url)
+
+
+class WsUrlType(click.ParamType):
+    name = "URL"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            url = URL(str(value))
+        except ValueError:
+            self.fail(f"{value!r} is not a URL", param, ctx)
+        if url.scheme not in ("ws", "wss") or not url.host:
+            self.fail(f"{value!r} is not a ws:// or wss:// URL", param, ctx)
+        return str(url)
+
+
+LISTEN = ListenType()
+HOST = HostType()
+HTTP_URL = HttpUrlType()
+WS_URL = WsUrlType()
+
+
+@click.group(
+    cls=TransceiverGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+)
+@click.option("--debug", is_flag=True, help="Show a traceback on unexpected errors.")
+def transceiver(debug: bool) -> None:
+    """splitrelay transceiver: WebRTC sessions for voice AI behind the split relay."""
+
+
+def main() -> None:
+    """Console-script entry point (`transceiver`)."""
+    transceiver.main(prog_name=PROG)
+
+
+# --------------------------------------------------------------------- run
+
+
+@transceiver.command()
+@click.option(
+    "--listen",
+    type=LISTEN,
+    default=DEFAULT_LISTEN,
+    envvar=ENV + "LISTEN",
+    show_envvar=True,
+    help="Signaling HTTP address (calls, /healthz, /metrics).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 256),
+    default=default_workers,
+    envvar=ENV + "WORKERS",
+    show_envvar=True,
+    show_default="one per core",
+    help="Worker processes; worker i gets transceiver id BASE+i and tunnel port BASE+i.",
+)
+@click.option(
+    "--transceiver-id",
+    "transceiver_id",
+    type=TRANSCEIVER_ID,
+    required=True,
+    envvar=ENV + "ID",
+    show_envvar=True,
+    help="Base transceiver id, hex (e.g. a001); unique across the fleet.",
+)
+@click.option(
+    "--tunnel",
+    type=HOST,
+    required=True,
+    envvar=ENV + "TUNNEL",
+    show_envvar=True,
+    help="Tunnel address the relays send to (this host's inside address).",
+)
+@click.option(
+    "--tunnel-port",
+    type=click.IntRange(1, 65535),
+    default=DEFAULT_TUNNEL_PORT,
+    envvar=ENV + "TUNNEL_PORT",
+    show_envvar=True,
+    help="Base tunnel UDP port.",
+)
+@click.option(
+    "--relay",
+    "relays",
+    type=ENDPOINT,
+    multiple=True,
+    required=True,
+    envvar=ENV + "RELAY",
+    show_envvar=True,
+    help="Relay tunnel endpoint ADDR:PORT whose packets are accepted (repeat).",
+)
+@click.option(
+    "--public",
+    "public",
+    type=ENDPOINT,
+    multiple=True,
+    required=True,
+    envvar=ENV + "PUBLIC",
+    show_envvar=True,
+    help="Relay public ADDR:PORT advertised as the only candidate (repeat; one per family).",
+)
+@click.option(
+    "--max-calls",
+    type=click.IntRange(1, 100000),
+    default=DEFAULT_MAX_CALLS,
+    envvar=ENV + "MAX_CALLS",
+    show_envvar=True,
+    help="Calls per worker.",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(BACKENDS),
+    default="echo",
+    envvar=ENV + "BACKEND",
+    show_envvar=True,
+    help="Media/event backend.",
+)
+@click.option(
+    "--ws-url",
+    type=WS_URL,
+    default=None,
+    envvar=ENV + "WS_URL",
+    show_envvar=True,
+    help="Backend WebSocket URL (with --backend ws).",
+)
+@click.option(
+    "--token",
+    default=None,
+    envvar=ENV + "TOKEN",
+    show_envvar=True,
+    help="Bearer token required on call requests (none: open).",
+)
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(0, 86400),
+    default=30.0,
+    envvar=ENV + "DRAIN_TIMEOUT",
+    show_envvar=True,
+    help="On SIGTERM, seconds live calls may continue before they are ended.",
+)
+@click.option(
+    "--cors-origin",
+    "cors_origins",
+    multiple=True,
+    envvar=ENV + "CORS_ORIGIN",
+    show_envvar=True,
+    help="Origin allowed to call from a browser (repeat)  [default: any]",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def run(
+    listen: tuple[str, int],
+    workers: int,
+    transceiver_id: int,
+    tunnel: str,
+    tunnel_port: int,
+    relays: tuple[Endpoint, ...],
+    public: tuple[Endpoint, ...],
+    max_calls: int,
+    backend: str,
+    ws_url: str | None,
+    token: str | None,
+    drain_timeout: float,
+    cors_origins: tuple[str, ...],
+    verbose: bool,
+) -> None:
+    """Serve signaling and run the worker processes until SIGTERM, then drain."""
+    from transceiver.supervisor import Supervisor, SupervisorConfig, SupervisorError
+
+    if backend == "ws" and not ws_url:
+        raise click.UsageError("--backend ws needs --ws-url")
+    if backend != "ws" and ws_url:
+        raise click.UsageError("--ws-url is only used with --backend ws")
+    if tunnel_port + workers - 1 > 65535:
+        raise click.UsageError(f"--tunnel-port {tunnel_port} + {workers} workers exceeds 65535")
+    if transceiver_id + workers - 1 > 0xFFFFFFFF:
+        raise click.UsageError(f"--transceiver-id {transceiver_id:x} + {workers} workers overflows")
+    families = [e.addr.version for e in public]
+    if len(set(families)) != len(families):
+        raise click.UsageError("--public takes at most one address per IP family")
+    _check_backend(backend)
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = SupervisorConfig(
+        listen_host=listen[0],
+        listen_port=listen[1],
+        workers=workers,
+        base_transceiver_id=transceiver_id,
+        tunnel_host=tunnel,
+        base_tunnel_port=tunnel_port,
+        relays=[(str(e.addr), e.port) for e in relays],
+        public_candidates=[(str(e.addr), e.port) for e in public],
+        max_calls=max_calls,
+        backend=backend,
+        backend_options={"url": ws_url} if ws_url else {},
+        bearer_token=token or None,
+        drain_timeout=drain_timeout,
+        cors_origins=list(cors_origins) if cors_origins else "*",
+        log_level=level,
+    )
+    try:
+        supervisor = Supervisor(config)
+        asyncio.run(supervisor.run())
+    except SupervisorError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(exc.strerror or str(exc))
+
+
+def _check_backend(backend: str) -> None:
+    """Fail at startup, in one line, when a backend is not available in this build."""
+    from transceiver.supervisor import load_backends
+
+    known = load_backends()
+    if backend not in known:
+        _fail(f"backend {backend!r} is not available (have: {', '.join(known)})")
+
+
+# --------------------------------------------------------------------- call
+
+
+@transceiver.command()
+@click.argument("url", type=HTTP_URL)
+@click.option("--token", default=None, envvar=ENV + "TOKEN", help="Bearer token.")
+@click.option("--calls", type=click.IntRange(1, 1000), default=1, help="Concurrent calls to place.")
+@click.option(
+    "--duration",
+    type=click.FloatRange(0.5, 3600),
+    default=5.0,
+    help="Seconds of audio per call, once connected.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0.1, 600),
+    default=15.0,
+    help="Seconds allowed for signaling plus ICE/DTLS setup.",
+)
+@click.option(
+    "--stagger",
+    type=click.FloatRange(0, 60),
+    default=0.02,
+    help="Seconds between the starts of concurrent calls.",
+)
+@click.option(
+    "--realtime",
+    is_flag=True,
+    help="POST multipart/form-data to /v1/realtime/calls, as OpenAI's Realtime API does.",
+)
+@click.option(
+    "--expect-echo/--no-expect-echo",
+    default=True,
+    help="Fail a call whose audio and events do not come back (the echo backend returns them).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging (aiortc, aioice).")
+def call(
+    url: str,
+    token: str | None,
+    calls: int,
+    duration: float,
+    timeout: float,
+    stagger: float,
+    realtime: bool,
+    expect_echo: bool,
+    as_json: bool,
+    verbose: bool,
+) -> None:
+    """Place voice call(s) to URL (a signaling endpoint or base URL) and measure latency.
+
+    URL is the WHIP endpoint (e.g. http://10.0.0.1:8080/v1/calls) or just the
+    server (http://10.0.0.1:8080, meaning /v1/calls, or /v1/realtime/calls with
+    --realtime). Prints setup time and audio/event round-trip percentiles; exits
+    non-zero if any call failed.
+    """
+    from transceiver.client import (
+        CallOptions,
+        failure_line,
+        place_calls,
+        render_summary,
+        summarize,
+    )
+
+    _quiet_logging(verbose)
+    options = CallOptions(
+        url=url,
+        token=token or None,
+        duration=duration,
+        timeout=timeout,
+        realtime=realtime,
+        require_echo=expect_echo,
+    )
+    results = asyncio.run(_quietly(place_calls(options, calls, stagger)))
+    summary = summarize(results)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    elif summary["setup_seconds"]["count"]:
+        click.echo(render_summary(summary))  # nothing to show when no call connected
+    problem = failure_line(summary)
+    if problem:
+        _fail(problem)
+
+
+def _quiet_logging(verbose: bool) -> None:
+    """Library warnings (aioice, aiortc) would drown the summary; --verbose shows them."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not verbose:
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+async def _quietly(coro: Any) -> Any:
+    """Run with a loop exception handler that logs (debug) instead of printing tracebacks.
+
+    aiortc's background tasks can fail after a peer goes away (e.g. a refused
+    connection); those are outcomes of the call, already in its result.
+    """
+    loop = asyncio.get_running_loop()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        logging.getLogger("splitrelay.transceiver.client").debug(
+            "background error: %s", context.get("message"), exc_info=context.get("exception")
+        )
+
+    loop.set_exception_handler(handler)
+    return await coro
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
