@@ -16,7 +16,7 @@ die() { printf 'bootstrap: error: %s\n' "$*" >&2; exit 1; }
 # Debian packages. Each tuple is "command-or-path-to-check package".
 PACKAGES=(
   python3-bpfcc python3-venv python3-dev libbpf1 bpftool iproute2 ethtool
-  redis-server netsniff-ng xdp-tools tcpdump iputils-ping
+  redis-server netsniff-ng xdp-tools tcpdump iputils-ping curl
 )
 missing=()
 for pkg in "${PACKAGES[@]}"; do
