@@ -82,8 +82,8 @@ struct session {
     __u8 origin;
     __u8 pad;
     __u8 relay_addr[16];
-    __u64 created_ns;   /* CLOCK_MONOTONIC */
-    __u64 last_seen_ns; /* CLOCK_MONOTONIC */
+    __u64 created_ns;   /* CLOCK_MONOTONIC_COARSE */
+    __u64 last_seen_ns; /* CLOCK_MONOTONIC_COARSE */
     __u64 packets_to_transceiver;
     __u64 bytes_to_transceiver;
     __u64 packets_to_client;

@@ -28,9 +28,17 @@ from ctl.layout import (
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+# Linux's CLOCK_MONOTONIC_COARSE (the time module has no name for it).
+CLOCK_MONOTONIC_COARSE = 6
+
+
 def monotonic_ns() -> int:
-    """CLOCK_MONOTONIC in ns: the clock bpf_ktime_get_ns() reads."""
-    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    """CLOCK_MONOTONIC_COARSE in ns: the clock the XDP program's timestamps use.
+
+    Sessions written here and by the kernel must compare correctly, so both
+    sides read the same clock (one tick of resolution is plenty for expiry).
+    """
+    return time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ BACKOFF_MIN, BACKOFF_MAX = 0.5, 10.0
 
 
 def unix_time_of(mono_ns: int) -> float:
-    """Wall-clock time of a CLOCK_MONOTONIC timestamp from the maps."""
+    """Wall-clock time of a monotonic timestamp from the maps (see maps.monotonic_ns)."""
     return time.time() - (monotonic_ns() - mono_ns) / 1e9
 
 
