@@ -36,6 +36,9 @@ INPUT_CHANNELS = 2
 SAMPLE_BYTES = 2
 #: Default bound of audio_out: 10 frames = 200 ms of audio queued at most.
 AUDIO_OUT_FRAMES = 10
+#: The echo's bound: 3 frames = 60 ms, which the playback pacing may send early
+#: (session.PLAYBACK_BURST), so after a stall the queue drains instead of staying.
+ECHO_FRAMES = 3
 
 Event = dict[str, Any]
 
@@ -131,8 +134,10 @@ class EchoBackend:
     """Plays the caller's audio back, unchanged: the end-to-end latency probe.
 
     Audio: every received frame is queued for playback at once; when the
-    queue is full the oldest frame is dropped, so a stall never turns into
-    permanent delay. Events: ``input_audio_buffer.speech_started`` /
+    queue is full (ECHO_FRAMES) the oldest frame is dropped, so a stall never
+    turns into permanent delay: the echo arrives in real time, as fast as it
+    is played, so frames that piled up behind a stall would otherwise stay
+    queued, as delay, for the rest of the call. Events: ``input_audio_buffer.speech_started`` /
     ``speech_stopped`` from a level detector; ``session.update`` is answered
     with ``session.updated``; any other client event comes back as
     ``{"type": "echo", "event": <the event>}`` (the data channel round trip).
@@ -141,7 +146,7 @@ class EchoBackend:
     name = "echo"
     output_channels = INPUT_CHANNELS
 
-    def __init__(self, max_frames: int = AUDIO_OUT_FRAMES) -> None:
+    def __init__(self, max_frames: int = ECHO_FRAMES) -> None:
         self.audio_out: asyncio.Queue[bytes] = asyncio.Queue(maxsize=max_frames)
         self._info: SessionInfo | None = None
         self._vad = SpeechDetector()
