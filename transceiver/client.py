@@ -28,6 +28,7 @@ import itertools
 import json
 import logging
 import os
+import time
 from array import array
 from collections import deque
 from collections.abc import Sequence
@@ -103,6 +104,9 @@ class CallResult:
     signaling_seconds: float | None = None
     setup_seconds: float | None = None
     audio_rtts: list[float] = field(default_factory=list)
+    # One [t, rtt_ms] per audio_rtts entry, in the same order: t is the unix time the
+    # echoed marker came back, so runs of several processes share one time axis.
+    samples: list[list[float]] = field(default_factory=list)
     markers_sent: int = 0
     markers_lost: int = 0
     event_rtts: list[float] = field(default_factory=list)
@@ -185,6 +189,7 @@ async def _listen(
     """Feed received audio (channel 0) to the marker detector, pairing what it finds."""
     detector: MarkerDetector | None = None
     clock = _ArrivalClock()
+    wall_offset = time.time() - loop.time()  # loop time -> unix time, for `samples`
     while True:
         try:
             frame = await track.recv()
@@ -201,7 +206,9 @@ async def _listen(
         for found in detector.feed(mono):
             when = clock.time_of(found.sample, detector.sample_rate)
             if when is not None:
-                trips.on_detected(found.marker_id, when)
+                rtt = trips.on_detected(found.marker_id, when)
+                if rtt is not None:
+                    result.samples.append([round(when + wall_offset, 4), round(rtt * 1000, 3)])
 
 
 # --------------------------------------------------------------------- events
@@ -423,6 +430,7 @@ async def _run_call(options: CallOptions, result: CallResult, http: aiohttp.Clie
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        del result.samples[len(result.audio_rtts) :]  # detections after the cut-off
         if call_url is not None and options.hangup:
             await _hang_up(http, options, call_url)
         with contextlib.suppress(Exception):

@@ -22,6 +22,14 @@ talks to clients directly. This module is the seam between the two worlds.
   It never sends toward an address it has not heard from, nor toward a client
   another session owns (``dropped_unheard_client``, ``dropped_not_owner``).
 
+``TunnelMux(..., direct=True)`` is the same mux without the relay: the socket
+is the public address, clients' packets arrive as they are (no tunnel header)
+from any source, and replies go straight back to the client. Admission, the
+per-session ownership of client addresses and the ICE seam are unchanged. It
+exists so a benchmark can compare call setup with and without the relay hop on
+the very same worker code (transceiver/bench.py); production traffic always
+comes through a relay.
+
 ``attach()``, ``IceLink`` and ``MuxProtocol`` (the aioice side): ``attach``
 takes a fresh aioice ``Connection`` (from an aiortc peer connection, before
 its answer is created) and
@@ -200,6 +208,7 @@ class TunnelMux:
         relays: Iterable[Address],
         *,
         max_clients_per_session: int = MAX_CLIENTS_PER_SESSION,
+        direct: bool = False,
     ) -> None:
         self._relays: set[Address] = set()
         for host, port in relays:
@@ -207,8 +216,11 @@ class TunnelMux:
             self._relays.add((canonical, int(port)))
             if ":" not in canonical:  # seen as IPv4-mapped on a dual-stack socket
                 self._relays.add((f"::ffff:{canonical}", int(port)))
-        if not self._relays:
+        if direct and self._relays:
+            raise ValueError("a direct mux takes no relay tunnel address")
+        if not self._relays and not direct:
             raise ValueError("a tunnel mux needs at least one relay tunnel address")
+        self.direct = direct
         self._max_clients = max_clients_per_session
         self.counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
         self._transport: asyncio.DatagramTransport | None = None
@@ -373,6 +385,9 @@ class TunnelMux:
         counters = self.counters
         if len(src) != 2:
             src = (src[0], src[1])
+        if self.direct:
+            self._receive_direct(data, src)
+            return
         if src not in self._relays:
             counters["dropped_unknown_sender"] += 1
             return
@@ -400,6 +415,29 @@ class TunnelMux:
             client.relay = src
         counters["rx_packets"] += 1
         client.endpoint.datagram_received(payload, client.addr)
+
+    def _receive_direct(self, data: bytes, src: Address) -> None:
+        """A client's own datagram (direct mode): the source address is the client.
+
+        The key is what a relay's header would carry for this client, so
+        admission and ownership work exactly as behind a relay; replies carry
+        an empty header and go back to the source.
+        """
+        counters = self.counters
+        if not data:
+            counters["dropped_empty_payload"] += 1
+            return
+        addr = src
+        if src[0].startswith("::ffff:"):  # IPv4 on a dual-stack socket: the canonical form
+            addr = (src[0][7:], src[1])
+        client = self._by_addr.get(addr)
+        if client is None or (data[0] <= 3 and data[:2] == _BINDING_REQUEST):
+            key = int(src[1]).to_bytes(2, "big") + wire.to_mapped(addr[0])
+            client = self._admit(key, b"", data, src, client)
+            if client is None:
+                return
+        counters["rx_packets"] += 1
+        client.endpoint.datagram_received(data, client.addr)
 
     def _admit(
         self, key: bytes, header: bytes, payload: bytes, src: Address, current: _Client | None

@@ -45,11 +45,14 @@ from aiortc import sdp as aiortc_sdp
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
-from transceiver import backends
+from transceiver import aiortc_fast, backends
 from transceiver.backends import Backend, Event, SessionInfo
 from transceiver.mux import Address, IceLink, SeamError, TunnelMux, attach
 
 log = logging.getLogger("splitrelay.transceiver.session")
+
+# aiortc's per-frame overhead, removed where the pinned release allows (transceiver/aiortc_fast.py).
+aiortc_fast.apply()
 
 EVENTS_LABEL = "oai-events"
 #: A real offer is a few kilobytes; this bounds parsing work on hostile input.
@@ -180,12 +183,23 @@ def check_answer(answer_sdp: str, ufrag: str, public: Sequence[Address]) -> None
 # ---------------------------------------------------------------------- media
 
 
+#: How far ahead of its schedule a frame may be sent (seconds): the pacing's jitter tolerance.
+PLAYBACK_BURST = 0.06
+
+
 class PlaybackTrack(MediaStreamTrack):
     """Plays a backend's ``audio_out`` at real-time pace (one 20 ms frame per 20 ms).
 
-    The clock starts with the first frame and re-anchors after a gap, so a
-    backend that pauses and resumes is not made to catch up, and one that
-    queues a long answer at once is played at speaking speed.
+    The pacing is a virtual schedule (GCRA, as in a token bucket): each frame
+    has a due time 20 ms after the previous one's, and may go out up to
+    PLAYBACK_BURST (3 frames) before it is due; a frame that comes late goes
+    out at once and moves the schedule. So a backend that queues a long answer
+    at once is played at speaking speed (never more than 3 frames early), one
+    that pauses is not made to catch up, and audio that arrives in real time
+    with some jitter (an echo, a streaming service) is sent as soon as it
+    arrives: a late frame never becomes lasting delay, which a schedule
+    anchored on one frame's arrival would add (by up to a frame per late
+    frame, for the rest of the call).
     """
 
     kind = "audio"
@@ -211,11 +225,12 @@ class PlaybackTrack(MediaStreamTrack):
                 break
             self._counters.backend_errors += 1  # a wrong-size frame: skip it, keep playing
         now = loop.time()
-        if self._next is None or now - self._next > backends.FRAME_SECONDS:
-            self._next = now
-        elif self._next > now:
-            await asyncio.sleep(self._next - now)
-        self._next += backends.FRAME_SECONDS
+        due = now if self._next is None else self._next
+        early = due - PLAYBACK_BURST - now
+        if early > 0:
+            await asyncio.sleep(early)
+            now += early
+        self._next = max(due, now) + backends.FRAME_SECONDS
         frame = AudioFrame(format="s16", layout=self._layout, samples=backends.FRAME_SAMPLES)
         frame.planes[0].update(pcm)
         frame.sample_rate = backends.SAMPLE_RATE
@@ -555,6 +570,14 @@ class CallSession:
         if self._on_closed is not None:
             with contextlib.suppress(Exception):
                 self._on_closed(self)
+
+    @property
+    def playback_queued(self) -> int:
+        """Frames waiting in the backend's audio_out: a backlog that grows means a slow loop."""
+        try:
+            return self._backend.audio_out.qsize()
+        except Exception:  # a backend's queue is its own business; never fail a stats read
+            return 0
 
     async def wait_closed(self) -> None:
         await self._closed.wait()

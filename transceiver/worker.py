@@ -60,6 +60,10 @@ class WorkerConfig:
     advertise, at most one per address family (the tunnel header cannot say
     which of two same-family addresses a client used). ``backend_options`` are
     passed to the backend factory as keyword arguments.
+
+    ``direct``: no relay; clients reach the tunnel socket itself, which must
+    then be the (only) public candidate (TunnelMux's direct mode, for
+    benchmarks and development: it measures the worker without the relay hop).
     """
 
     transceiver_id: int
@@ -71,13 +75,16 @@ class WorkerConfig:
     backend: str = "echo"
     backend_options: dict[str, Any] = field(default_factory=dict)
     setup_timeout: float = DEFAULT_SETUP_TIMEOUT
+    direct: bool = False
 
     def __post_init__(self) -> None:
         wire.make_server_ufrag(self.transceiver_id)  # raises for an id the token cannot carry
         ip_address(self.tunnel_host)
         if not 0 <= self.tunnel_port <= 0xFFFF:
             raise ValueError(f"tunnel port {self.tunnel_port} is not a UDP port")
-        if not self.relays:
+        if self.direct and self.relays:
+            raise ValueError("a direct worker takes no relay tunnel address")
+        if not self.relays and not self.direct:
             raise ValueError("no relay tunnel address: the worker would accept nothing")
         for host, port in self.relays:
             ip_address(host)
@@ -159,7 +166,7 @@ class Worker:
         if self._mux is not None:
             raise RuntimeError("the worker is already started")
         check_versions()
-        mux = TunnelMux(self.config.relays)
+        mux = TunnelMux(self.config.relays, direct=self.config.direct)
         await mux.start(self.config.tunnel_host, self.config.tunnel_port)
         self._mux = mux
         log.info(
@@ -311,6 +318,7 @@ class Worker:
                 "in": c.datachannel_messages_in,
                 "out": c.datachannel_messages_out,
             },
+            "playback_frames_queued": sum(s.playback_queued for s in sessions),
             "events_dropped_total": c.events_dropped,
             "backend_errors_total": c.backend_errors,
             **{f"{k}_total": v for k, v in self._totals.items()},

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from ipaddress import ip_address
-from typing import Any
+from typing import Any, Self
 
 import pytest
 
@@ -66,18 +66,18 @@ class FakeEndpoint:
         self.lost = True
 
 
-class Relay(asyncio.DatagramProtocol):
-    """A fake relay tunnel socket: sends tunnel datagrams, collects what the mux sends back."""
+class UdpPeer(asyncio.DatagramProtocol):
+    """A UDP socket on loopback that collects what it receives (a relay's or a client's)."""
 
     def __init__(self) -> None:
         self.inbox: asyncio.Queue[bytes] = asyncio.Queue()
         self.transport: asyncio.DatagramTransport | None = None
 
     @classmethod
-    async def open(cls) -> Relay:
+    async def open(cls) -> Self:
         loop = asyncio.get_running_loop()
-        _, relay = await loop.create_datagram_endpoint(cls, local_addr=("127.0.0.1", 0))
-        return relay
+        _, peer = await loop.create_datagram_endpoint(cls, local_addr=("127.0.0.1", 0))
+        return peer
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -90,6 +90,10 @@ class Relay(asyncio.DatagramProtocol):
         assert self.transport is not None
         host, port = self.transport.get_extra_info("sockname")[:2]
         return host, port
+
+
+class Relay(UdpPeer):
+    """A fake relay tunnel socket: sends tunnel datagrams, collects what the mux sends back."""
 
     def send(
         self, mux: TunnelMux, client: tuple[str, int], payload: bytes, relay_port: int = 3478
