@@ -13,8 +13,8 @@ bootstrap:
 	$(SUDO) env SPLITRELAY_VENV=$(VENV) ctl/bootstrap.sh
 
 lint: bootstrap
-	$(VENV)/bin/ruff check ctl transceiver tests
-	$(VENV)/bin/ruff format --check ctl transceiver tests
+	$(VENV)/bin/ruff check ctl transceiver tests vagrant
+	$(VENV)/bin/ruff format --check ctl transceiver tests vagrant
 
 test: bootstrap lint
 	$(SUDO) $(PY) -m pytest -q $(PYTEST_ARGS)

@@ -17,6 +17,7 @@ die() { printf 'bootstrap: error: %s\n' "$*" >&2; exit 1; }
 PACKAGES=(
   python3-bpfcc python3-venv python3-dev libbpf1 bpftool iproute2 ethtool
   redis-server netsniff-ng xdp-tools tcpdump iputils-ping curl
+  vagrant vagrant-libvirt shellcheck
 )
 missing=()
 for pkg in "${PACKAGES[@]}"; do

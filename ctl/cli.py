@@ -44,6 +44,7 @@ from ctl import cliutil as cu
 from ctl import runstate, xdp
 from ctl.bpfsys import BpfError, PinnedMap
 from ctl.daemon import run_command
+from ctl.demo import demo_command
 from ctl.layout import TransceiverState
 from ctl.loader import DEFAULT_PIN_DIR, MAP_NAMES, PROGRAM_NAME, RelayProgram
 from ctl.maps import RelayMaps, TransceiverEntry, monotonic_ns
@@ -157,6 +158,7 @@ def relayctl(settings: Settings, pin_dir: Path, debug: bool) -> None:
 
 
 relayctl.add_command(run_command)
+relayctl.add_command(demo_command)
 
 
 # ----------------------------------------------------------------------- sessions

@@ -9,19 +9,26 @@ non-zero exit, never a traceback: operators read these in journals and CI logs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
 import os
 import sys
 import traceback
-from collections.abc import Sequence
-from typing import Any, NoReturn
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import urlsplit
 
 import click
 from yarl import URL
 
 from ctl.cliutil import ENDPOINT, TRANSCEIVER_ID, Endpoint
+
+if TYPE_CHECKING:
+    from transceiver.registry import Registration
+    from transceiver.supervisor import SupervisorHooks, WorkerInfo
 
 PROG = "transceiver"
 ERROR_PREFIX = f"{PROG}: error: "
@@ -30,6 +37,12 @@ DEFAULT_LISTEN = "0.0.0.0:8080"
 DEFAULT_TUNNEL_PORT = 3480
 DEFAULT_MAX_CALLS = 50
 BACKENDS = ("echo", "ws")
+WS_SAMPLE_RATES = ("8000", "16000", "24000", "48000")
+DEFAULT_REDIS_PREFIX = "splitrelay:"
+#: How long a registry hook may hold up a worker's start or drain: Redis is never on
+#: the call path, so a slow or dead Redis only delays its own record, in the background.
+REGISTRY_HOOK_WAIT = 1.0
+REGISTRY_STOP_WAIT = 2.0
 QUIET_LOGGERS = ("aiortc", "aioice", "aiohttp.access", "aiohttp.server", "asyncio")
 
 
@@ -166,10 +179,39 @@ class WsUrlType(click.ParamType):
         return str(url)
 
 
+class RedisUrlType(click.ParamType):
+    """redis://host:port/db, rediss:// (TLS) or unix:///path (the shared registry)."""
+
+    name = "URL"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from ctl.redisstate import connect, redact
+
+        text = str(value).strip()
+        shown = redact(text)
+        try:
+            parts = urlsplit(text)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:
+            self.fail(f"{shown!r} is not a URL", param, ctx)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            self.fail(f"{shown!r} is not a redis://, rediss:// or unix:// URL", param, ctx)
+        if parts.scheme == "unix" and not parts.path:
+            self.fail(f"{shown!r} names no socket path", param, ctx)
+        if parts.scheme != "unix" and not parts.hostname:
+            self.fail(f"{shown!r} names no host", param, ctx)
+        try:
+            connect(text)  # builds the client only (no I/O): catches what redis-py refuses
+        except ValueError as exc:
+            self.fail(_one_line(str(exc)), param, ctx)
+        return text
+
+
 LISTEN = ListenType()
 HOST = HostType()
 HTTP_URL = HttpUrlType()
 WS_URL = WsUrlType()
+REDIS_URL = RedisUrlType()
 
 
 @click.group(
@@ -274,7 +316,50 @@ def main() -> None:
     default=None,
     envvar=ENV + "WS_URL",
     show_envvar=True,
-    help="Backend WebSocket URL (with --backend ws).",
+    help="Backend WebSocket URL (with --backend ws). A bearer token for the service, if "
+    "any, comes from SPLITRELAY_TRANSCEIVER_WS_TOKEN (never a command line).",
+)
+@click.option(
+    "--ws-sample-rate",
+    type=click.Choice(WS_SAMPLE_RATES),
+    default=None,
+    envvar=ENV + "WS_SAMPLE_RATE",
+    show_envvar=True,
+    show_default="48000",
+    help="PCM sample rate on the backend WebSocket (announced in session.start).",
+)
+@click.option(
+    "--ws-channels",
+    type=click.Choice(("1", "2")),
+    default=None,
+    envvar=ENV + "WS_CHANNELS",
+    show_envvar=True,
+    show_default="1",
+    help="PCM channels on the backend WebSocket.",
+)
+@click.option(
+    "--redis-url",
+    type=REDIS_URL,
+    default=None,
+    envvar=ENV + "REDIS_URL",
+    show_envvar=True,
+    help="Register every worker in the shared registry (redis://, rediss://, unix://; "
+    "password from the URL or REDIS_PASSWORD).",
+)
+@click.option(
+    "--redis-prefix",
+    default=DEFAULT_REDIS_PREFIX,
+    envvar=ENV + "REDIS_PREFIX",
+    show_envvar=True,
+    help="Prefix of the Redis keys (as the relays use).",
+)
+@click.option(
+    "--redis-heartbeat-ttl",
+    type=click.IntRange(1, 3600),
+    default=None,
+    envvar=ENV + "REDIS_HEARTBEAT_TTL",
+    hidden=True,
+    help="Seconds a worker's record outlives its last heartbeat (tests shorten it).",
 )
 @click.option(
     "--token",
@@ -311,6 +396,11 @@ def run(
     max_calls: int,
     backend: str,
     ws_url: str | None,
+    ws_sample_rate: str | None,
+    ws_channels: str | None,
+    redis_url: str | None,
+    redis_prefix: str,
+    redis_heartbeat_ttl: int | None,
     token: str | None,
     drain_timeout: float,
     cors_origins: tuple[str, ...],
@@ -321,8 +411,18 @@ def run(
 
     if backend == "ws" and not ws_url:
         raise click.UsageError("--backend ws needs --ws-url")
-    if backend != "ws" and ws_url:
-        raise click.UsageError("--ws-url is only used with --backend ws")
+    if backend != "ws":
+        for name, value in (
+            ("--ws-url", ws_url),
+            ("--ws-sample-rate", ws_sample_rate),
+            ("--ws-channels", ws_channels),
+        ):
+            if value:
+                raise click.UsageError(f"{name} is only used with --backend ws")
+    if redis_url and ipaddress.ip_address(tunnel).is_unspecified:
+        raise click.UsageError(
+            f"--tunnel {tunnel} cannot be registered in Redis: relays need the address they send to"
+        )
     if tunnel_port + workers - 1 > 65535:
         raise click.UsageError(f"--tunnel-port {tunnel_port} + {workers} workers exceeds 65535")
     if transceiver_id + workers - 1 > 0xFFFFFFFF:
@@ -344,19 +444,140 @@ def run(
         public_candidates=[(str(e.addr), e.port) for e in public],
         max_calls=max_calls,
         backend=backend,
-        backend_options={"url": ws_url} if ws_url else {},
+        backend_options=_backend_options(ws_url, ws_sample_rate, ws_channels),
         bearer_token=token or None,
         drain_timeout=drain_timeout,
         cors_origins=list(cors_origins) if cors_origins else "*",
         log_level=level,
     )
+    hooks = None
+    if redis_url:
+        hooks = WorkerRegistry(redis_url, redis_prefix, redis_heartbeat_ttl).hooks()
     try:
-        supervisor = Supervisor(config)
+        supervisor = Supervisor(config, hooks)
         asyncio.run(supervisor.run())
     except SupervisorError as exc:
         _fail(str(exc))
     except OSError as exc:
         _fail(exc.strerror or str(exc))
+
+
+def _backend_options(
+    ws_url: str | None, sample_rate: str | None, channels: str | None
+) -> dict[str, Any]:
+    """WorkerConfig.backend_options: the keyword arguments of the ws backend (none for echo).
+
+    No secret goes in here: the options travel to the workers on their command
+    line, so the service token is read from the environment by the backend.
+    """
+    if not ws_url:
+        return {}
+    options: dict[str, Any] = {"url": ws_url}
+    if sample_rate:
+        options["sample_rate"] = int(sample_rate)
+    if channels:
+        options["channels"] = int(channels)
+    return options
+
+
+@dataclass
+class _Registered:
+    """One worker's Registration and the registry operations still running for it."""
+
+    registration: Registration
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def run(self, operation: Coroutine[Any, Any, None], wait: float) -> None:
+        """Start an operation and wait for it at most `wait` seconds; it goes on regardless."""
+        task = asyncio.create_task(operation)
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), wait)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logging.getLogger("splitrelay.transceiver.registry").error(
+                "registry update for transceiver %08x failed",
+                self.registration.tid,
+                exc_info=task.exception(),
+            )
+
+    async def stop(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.registration.stop(), REGISTRY_STOP_WAIT)
+
+
+class WorkerRegistry:
+    """Keeps each worker's record in the Redis registry in step with its process.
+
+    It runs in the front process, through the supervisor's hooks: started ->
+    register (tunnel address = --tunnel and the worker's own port, the
+    address relays send to) and heartbeat; draining -> status draining;
+    stopped (also a crash, before the restart registers again) -> remove.
+    If the front dies, even by SIGKILL, the heartbeats stop and the records
+    expire within the TTL, while the workers drain on their own. Redis being
+    slow or down delays a worker's start or drain by at most
+    REGISTRY_HOOK_WAIT: Registration logs the outage once and keeps retrying,
+    and calls never depend on it.
+    """
+
+    def __init__(self, url: str, prefix: str, ttl: int | None = None) -> None:
+        from ctl.redisstate import HEARTBEAT_INTERVAL, HEARTBEAT_TTL
+
+        self.url = url
+        self.prefix = prefix
+        self.ttl = ttl or HEARTBEAT_TTL
+        # At least three beats per TTL, so one slow beat never lets a live record lapse.
+        self.interval = min(HEARTBEAT_INTERVAL, self.ttl / 3)
+        self._workers: dict[int, _Registered] = {}
+
+    def hooks(self) -> SupervisorHooks:
+        from ctl.redisstate import redact
+        from transceiver.supervisor import SupervisorHooks
+
+        logging.getLogger("splitrelay.transceiver.registry").info(
+            "registering workers in Redis %s (prefix %r, heartbeat TTL %d s)",
+            redact(self.url),
+            self.prefix,
+            self.ttl,
+        )
+        return SupervisorHooks(
+            on_worker_started=[self.started],
+            on_worker_draining=[self.draining],
+            on_worker_stopped=[self.stopped],
+        )
+
+    async def started(self, info: WorkerInfo) -> None:
+        from transceiver.registry import Registration
+
+        await self.stopped(info)  # a record left from before a restart
+        registration = Registration(
+            self.url,
+            info.transceiver_id,
+            info.tunnel_host,
+            info.tunnel_port,
+            prefix=self.prefix,
+            interval=self.interval,
+            ttl=self.ttl,
+        )
+        entry = _Registered(registration)
+        self._workers[info.transceiver_id] = entry
+        await entry.run(registration.start(), REGISTRY_HOOK_WAIT)
+
+    async def draining(self, info: WorkerInfo) -> None:
+        entry = self._workers.get(info.transceiver_id)
+        if entry is not None:
+            await entry.run(entry.registration.drain(), REGISTRY_HOOK_WAIT)
+
+    async def stopped(self, info: WorkerInfo) -> None:
+        entry = self._workers.pop(info.transceiver_id, None)
+        if entry is not None:
+            await entry.stop()
 
 
 def _check_backend(backend: str) -> None:
