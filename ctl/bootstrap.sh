@@ -35,12 +35,15 @@ fi
 KREL="$(uname -r)"
 MODDIR="/lib/modules/$KREL"
 if [ ! -e "$MODDIR/build/include" ]; then
-  if ! ls -d /usr/src/linux-headers-*-amd64 >/dev/null 2>&1; then
-    say "installing linux-headers-amd64 (no headers for kernel $KREL)"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends linux-headers-amd64 >/dev/null
+  flavour="$(dpkg --print-architecture)"  # Debian's header flavours: amd64, arm64, ...
+  if ! compgen -G "/usr/src/linux-headers-*-$flavour" >/dev/null; then
+    say "installing linux-headers-$flavour (no headers for kernel $KREL)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "linux-headers-$flavour" >/dev/null
   fi
-  hdr="$(ls -d /usr/src/linux-headers-*-amd64 | sort -V | tail -1)"
-  common="${hdr%-amd64}-common"
+  hdr="$(printf '%s\n' /usr/src/linux-headers-*-"$flavour" | sort -V | tail -1)"
+  common="${hdr%-"$flavour"}-common"
   say "kernel $KREL ships no headers: linking $MODDIR/build -> $hdr and source -> $common"
   mkdir -p "$MODDIR"
   ln -sfn "$hdr" "$MODDIR/build"
@@ -60,8 +63,11 @@ want="$(cat "$ROOT/pyproject.toml" "$ROOT/requirements.lock" | sha256sum | cut -
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   say "creating the Python environment in $VENV"
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check -r "$ROOT/requirements.lock"
+  # --no-deps: the lock names every package, so nothing unpinned slips in; pip check
+  # fails the bootstrap if the lock ever misses a dependency.
+  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -r "$ROOT/requirements.lock"
   "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -e "$ROOT"
+  "$VENV/bin/pip" check >/dev/null || die "the pinned dependencies are incomplete: $("$VENV/bin/pip" check | head -1)"
   echo "$want" > "$stamp"
 fi
 site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"

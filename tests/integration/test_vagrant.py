@@ -45,6 +45,7 @@ from ctl.xdp import info
 
 ROOT = Path(__file__).resolve().parents[2]
 VAGRANT_DIR = ROOT / "vagrant"
+BOOTSTRAP = ROOT / "ctl" / "bootstrap.sh"
 UNIT_DIR = VAGRANT_DIR / "units"
 BIN_DIR = Path(sys.executable).parent  # the venv running the tests
 ROLES = [sys.executable, str(VAGRANT_DIR / "roles.py")]
@@ -102,7 +103,7 @@ def test_roles_unknown_host_is_one_line() -> None:
 def test_shellcheck() -> None:
     if shutil.which("shellcheck") is None:
         pytest.fail("shellcheck is not installed (Debian package shellcheck)", pytrace=False)
-    scripts = sorted(str(p) for p in VAGRANT_DIR.glob("*.sh"))
+    scripts = [*sorted(str(p) for p in VAGRANT_DIR.glob("*.sh")), str(BOOTSTRAP)]
     assert scripts
     res = subprocess.run(["shellcheck", *scripts], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
