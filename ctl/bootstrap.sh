@@ -13,12 +13,15 @@ die() { printf 'bootstrap: error: %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "must run as root (try: sudo make test)"
 
-# Debian packages. Each tuple is "command-or-path-to-check package".
+# Debian packages: what a relay, a transceiver and the demo run on, then what the tests
+# and benchmarks add. SPLITRELAY_BOOTSTRAP=runtime (the Vagrant VMs) installs only the first.
 PACKAGES=(
   python3-bpfcc python3-venv python3-dev libbpf1 bpftool iproute2 ethtool
-  redis-server netsniff-ng xdp-tools tcpdump iputils-ping curl
-  vagrant vagrant-libvirt shellcheck
+  redis-server iputils-ping curl systemd
 )
+if [ "${SPLITRELAY_BOOTSTRAP:-full}" != runtime ]; then
+  PACKAGES+=(netsniff-ng xdp-tools tcpdump vagrant vagrant-libvirt shellcheck)
+fi
 missing=()
 for pkg in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -1204,10 +1204,10 @@ def demo_command(
     else:
         demo.say.line()
         demo.say.line(render_summary(summary))
-        if keep:
-            demo.say.line()
-            for hint in keep_hints(demo.plan):
-                demo.say.line(hint)
+    if keep:  # with --json too: the hints go where the progress went (stderr)
+        demo.say.line()
+        for hint in keep_hints(demo.plan):
+            demo.say.line(hint)
     failed = summary["calls"]["failed"]
     if failed:
         reason = summary["calls"]["errors"][0] if summary["calls"]["errors"] else "unknown"

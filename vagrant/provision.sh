@@ -97,7 +97,8 @@ install_project() {
   if ! command -v curl >/dev/null; then
     apt-get install -y -qq --no-install-recommends curl >/dev/null
   fi
-  SPLITRELAY_VENV="$VENV" bash "$ROOT/ctl/bootstrap.sh"
+  # runtime: a VM runs the services, not the test suite (no vagrant, trafgen, shellcheck).
+  SPLITRELAY_BOOTSTRAP=runtime SPLITRELAY_VENV="$VENV" bash "$ROOT/ctl/bootstrap.sh"
   ln -sfn "$VENV/bin/relayctl" /usr/local/bin/relayctl
   ln -sfn "$VENV/bin/transceiver" /usr/local/bin/transceiver
 }

@@ -178,3 +178,32 @@ def test_a_call_process_without_output_counts_its_calls_failed(tmp_path: Path) -
     out = read_batch(CallBatch(plan.transceivers[0], proc, tmp_path / "missing.json", err))
     assert [c["ok"] for c in out["per_call"]] == [False, False]
     assert "cannot reach" in out["per_call"][0]["error"]
+
+
+def test_keep_leaves_it_up_with_working_hints_then_down_removes_it(tmp_path: Path) -> None:
+    """A third run after the two above: --keep, the printed hints work, --down cleans up."""
+    res = subprocess.run(
+        _demo(tmp_path, "--calls", "2", "--duration", "2", "--keep", "--json"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    try:
+        assert res.returncode == 0, res.stderr[-4000:]
+        assert json.loads(res.stdout)["calls"]["ok"] == 2
+        assert f"demo --down --prefix {PREFIX}" in res.stderr
+        assert list_netns(f"{PREFIX}-"), "--keep removed the testbed"
+        # The printed hint for the sessions, run as printed: the calls' sessions are there.
+        hint = next(line for line in res.stderr.splitlines() if "sessions ls" in line)
+        ls = subprocess.run([*hint.split(), "--json"], capture_output=True, text=True, timeout=30)
+        assert ls.returncode == 0, ls.stderr
+        assert len(json.loads(ls.stdout)) >= 2
+    finally:
+        down = subprocess.run(
+            [RELAYCTL, "demo", "--down", "--prefix", PREFIX],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert down.returncode == 0, down.stderr
+    _assert_nothing_left()
