@@ -486,6 +486,8 @@ class _Registered:
 
     registration: Registration
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    draining: bool = False  # the transceiver drains: for good, whatever the worker's health
+    unhealthy: bool = False  # draining in the registry because the worker stopped answering
 
     async def run(self, operation: Coroutine[Any, Any, None], wait: float) -> None:
         """Start an operation and wait for it at most `wait` seconds; it goes on regardless."""
@@ -518,7 +520,11 @@ class WorkerRegistry:
     It runs in the front process, through the supervisor's hooks: started ->
     register (tunnel address = --tunnel and the worker's own port, the
     address relays send to) and heartbeat; draining -> status draining;
-    stopped (also a crash, before the restart registers again) -> remove.
+    stopped (also a crash, before the restart registers again) -> remove;
+    unhealthy (the process runs but has not answered the front for a few
+    seconds: hung, SIGSTOPped) -> status draining, so relays send it no new
+    sessions while its live ones keep their path in case it comes back;
+    recovered -> active again (unless the transceiver itself is draining).
     If the front dies, even by SIGKILL, the heartbeats stop and the records
     expire within the TTL, while the workers drain on their own. Redis being
     slow or down delays a worker's start or drain by at most
@@ -550,6 +556,8 @@ class WorkerRegistry:
             on_worker_started=[self.started],
             on_worker_draining=[self.draining],
             on_worker_stopped=[self.stopped],
+            on_worker_unhealthy=[self.unhealthy],
+            on_worker_recovered=[self.recovered],
         )
 
     async def started(self, info: WorkerInfo) -> None:
@@ -572,12 +580,53 @@ class WorkerRegistry:
     async def draining(self, info: WorkerInfo) -> None:
         entry = self._workers.get(info.transceiver_id)
         if entry is not None:
+            entry.draining = True
             await entry.run(entry.registration.drain(), REGISTRY_HOOK_WAIT)
+
+    async def unhealthy(self, info: WorkerInfo) -> None:
+        """The worker stopped answering: no new sessions for it (its record says draining)."""
+        entry = self._workers.get(info.transceiver_id)
+        if entry is None or entry.draining or entry.unhealthy:
+            return
+        entry.unhealthy = True
+        await entry.run(entry.registration.drain(), REGISTRY_HOOK_WAIT)
+
+    async def recovered(self, info: WorkerInfo) -> None:
+        """The worker answers again: active, unless the whole transceiver drains meanwhile."""
+        entry = self._workers.get(info.transceiver_id)
+        if entry is None or not entry.unhealthy:
+            return
+        entry.unhealthy = False
+        if not entry.draining:
+            await entry.run(_reactivate(entry), REGISTRY_HOOK_WAIT)
 
     async def stopped(self, info: WorkerInfo) -> None:
         entry = self._workers.pop(info.transceiver_id, None)
         if entry is not None:
             await entry.stop()
+
+
+async def _reactivate(entry: _Registered) -> None:
+    """Undo what unhealthy() did with Registration.drain(): status active again.
+
+    Registration (transceiver/registry.py) has no method for this. Its beats
+    keep the stored status, so the status is set here, the way drain() sets
+    it (a tombstone left by an operator's `rm` stays removed); clearing its
+    `draining` makes a re-registration after a Redis restart active too. The
+    record is never removed in between: relays would drop the worker's live
+    sessions. (An operator's drain issued while the worker hung is undone
+    too: the registry cannot tell the two apart.)
+    """
+    from redis.exceptions import RedisError
+
+    from ctl.layout import TransceiverState
+
+    registration = entry.registration
+    if entry.draining or entry.unhealthy:  # changed while this waited to run
+        return
+    registration.draining = False
+    with contextlib.suppress(RedisError, OSError):
+        await registration.redis.set_transceiver_state(registration.tid, TransceiverState.ACTIVE)
 
 
 def _check_backend(backend: str) -> None:

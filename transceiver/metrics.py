@@ -52,6 +52,29 @@ CALL_RESULTS: tuple[str, ...] = (
 )
 DIRECTIONS: tuple[str, ...] = ("in", "out")
 
+# Why the worker's tunnel socket (transceiver/mux.py) dropped a datagram: its
+# `dropped_<reason>` counters, pre-created so every series exists from the first
+# scrape. tests/unit/test_transceiver_metrics.py pins this list to the mux's
+# COUNTER_NAMES; a reason the mux adds later is still exported (read from the
+# stats), only not pre-created.
+TUNNEL_DROP_REASONS: tuple[str, ...] = (
+    "unknown_sender",
+    "tunnel_truncated",
+    "tunnel_bad_header",
+    "empty_payload",
+    "unknown_client",
+    "stun_malformed",
+    "stun_no_username",
+    "unmatched_ufrag",
+    "unauthenticated",
+    "client_limit",
+    "unheard_client",
+    "not_owner",
+    "send_buffer_full",
+    "closed",
+    "stun_unparsed",
+)
+
 
 @dataclass
 class Histogram:
@@ -139,6 +162,8 @@ class WorkerValues:
     events_dropped: int = 0
     calls_connected: int = 0
     calls_ended: dict[str, int] = field(default_factory=dict)
+    tunnel_packets: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DIRECTIONS, 0))
+    tunnel_drops: dict[str, int] = field(default_factory=dict)
 
 
 def _int(value: Any) -> int:
@@ -164,8 +189,27 @@ def _counter(stats: Mapping[str, Any], name: str) -> int:
     return _int(stats.get(f"{name}_total", stats.get(name, 0)))
 
 
+def _tunnel(stats: Mapping[str, Any]) -> tuple[dict[str, int], dict[str, int]]:
+    """(packets by direction, drops by reason) from the mux's counters (`stats["mux"]`).
+
+    rx_packets are datagrams handed to a session (in), tx_packets datagrams sent
+    toward clients (out); every `dropped_<reason>` counter is a drop reason.
+    """
+    mux = stats.get("mux")
+    if not isinstance(mux, Mapping):
+        return dict.fromkeys(DIRECTIONS, 0), {}
+    packets = {"in": _int(mux.get("rx_packets", 0)), "out": _int(mux.get("tx_packets", 0))}
+    drops = {
+        key.removeprefix("dropped_"): _int(value)
+        for key, value in mux.items()
+        if isinstance(key, str) and key.startswith("dropped_") and len(key) > len("dropped_")
+    }
+    return packets, drops
+
+
 def worker_values(stats: Mapping[str, Any], calls: int) -> WorkerValues:
     """Read one Worker.stats() dict (transceiver/worker.py; keys in docs/transceiver.md)."""
+    tunnel_packets, tunnel_drops = _tunnel(stats)
     return WorkerValues(
         sessions=_int(stats.get("sessions", calls)),
         setup=Histogram.from_value(stats.get("setup_seconds", ())),
@@ -178,6 +222,8 @@ def worker_values(stats: Mapping[str, Any], calls: int) -> WorkerValues:
             "ended": _counter(stats, "calls_ended"),
             "failed": _counter(stats, "calls_failed"),
         },
+        tunnel_packets=tunnel_packets,
+        tunnel_drops=tunnel_drops,
     )
 
 
@@ -257,6 +303,23 @@ class TransceiverCollector(Collector):
         for reason, n in sorted(reasons.items()):
             ended.add_metric([reason], n)
         yield ended
+        yield _by_direction(
+            f"{PREFIX}_tunnel_packets",
+            "Datagrams on the tunnel sockets, in = from relays to a session, out = toward clients",
+            (v.tunnel_packets for v in values),
+        )
+        drops = CounterMetricFamily(
+            f"{PREFIX}_tunnel_drops",
+            "Datagrams the tunnel sockets dropped, by reason",
+            labels=["reason"],
+        )
+        totals = dict.fromkeys(TUNNEL_DROP_REASONS, 0)
+        for v in values:
+            for reason, n in v.tunnel_drops.items():
+                totals[reason] = totals.get(reason, 0) + n
+        for reason, n in sorted(totals.items()):
+            drops.add_metric([reason], n)
+        yield drops
         yield from self._per_worker(values)
 
     def _per_worker(self, values: Sequence[WorkerValues]) -> Iterator[Metric]:

@@ -26,7 +26,10 @@ the workers exit and so does the front. A second signal ends the calls at once.
 A worker that dies outside a drain is restarted (same id and port) with backoff.
 
 Hooks (`SupervisorHooks`) let a registry (Redis, transceiver/registry.py) follow
-each worker: started (with its tunnel address), draining, stopped.
+each worker: started (with its tunnel address), draining, stopped, and unhealthy /
+recovered: a worker whose process runs but has not answered /stats for
+`unhealthy_after` seconds (hung, stopped, starved) gets no calls from the front,
+and the unhealthy hooks let the registry stop relays sending it new sessions too.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ POLL_INTERVAL = 1.0
 RESTART_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)
 STABLE_AFTER = 60.0  # a worker that ran this long gets its backoff reset
 KILL_GRACE = 10.0  # after the drain deadline, before SIGKILL
+UNHEALTHY_AFTER = 5.0  # seconds without a /stats answer from a running worker
 
 
 class SupervisorError(RuntimeError):
@@ -126,11 +130,20 @@ class SupervisorHooks:
 
     A Redis registry plugs in here: register on started, set draining on
     draining, deregister on stopped (also called when a worker crashes).
+
+    `on_worker_unhealthy` runs when a worker's process is running but has not
+    answered /stats for `SupervisorConfig.unhealthy_after` seconds (hung,
+    SIGSTOPped, starved of CPU): the front already gives it no calls, and the
+    registry should stop relays routing new sessions to it. `on_worker_recovered`
+    runs when it answers again. Neither runs while the transceiver drains, and a
+    worker that exits gets `on_worker_stopped` as usual, healthy or not.
     """
 
     on_worker_started: list[Hook] = field(default_factory=list)
     on_worker_draining: list[Hook] = field(default_factory=list)
     on_worker_stopped: list[Hook] = field(default_factory=list)
+    on_worker_unhealthy: list[Hook] = field(default_factory=list)
+    on_worker_recovered: list[Hook] = field(default_factory=list)
 
 
 async def _run_hooks(hooks: list[Hook], info: WorkerInfo, what: str) -> None:
@@ -161,11 +174,14 @@ class SupervisorConfig:
     cors_origins: str | list[str] = "*"
     max_body: int = 64 * 1024
     log_level: int = logging.INFO
+    unhealthy_after: float = UNHEALTHY_AFTER
 
     def validate(self) -> None:
         """Refuse a configuration no worker could run with (SupervisorError, one line)."""
         if self.workers < 1:
             raise SupervisorError("--workers must be at least 1")
+        if self.unhealthy_after <= 0:
+            raise SupervisorError("unhealthy_after must be positive")
         last_tid = self.base_transceiver_id + self.workers - 1
         if last_tid > 0xFFFFFFFF:
             raise SupervisorError(
@@ -391,6 +407,8 @@ class WorkerHandle:
     started_at: float = 0.0
     restarts: int = 0
     announced: bool = False  # the started hooks ran, the stopped hooks not yet
+    healthy: bool = True  # False once the unhealthy hooks ran, until it answers again
+    last_ok: float = 0.0  # time.monotonic() of its last answer to /stats
     last_stats: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -523,6 +541,7 @@ class ProcessPool:
             handle.alive = False
             return
         handle.alive = True
+        handle.last_ok = time.monotonic()
         handle.load = int(body.get("load", 0))
         handle.last_stats = dict(body.get("stats", {}))
 
@@ -607,6 +626,7 @@ class Supervisor:
                         handle.process.pid,
                     )
                     handle.announced = True
+                    handle.healthy = True
                     await _run_hooks(self.hooks.on_worker_started, handle.info(), "started")
                     return
             await asyncio.sleep(0.05)
@@ -667,6 +687,42 @@ class Supervisor:
         while True:
             await asyncio.sleep(POLL_INTERVAL)
             await self.pool.refresh_all()
+            await self.check_health()
+
+    async def check_health(self) -> None:
+        """Run the unhealthy / recovered hooks of workers whose health changed.
+
+        Unhealthy: the process runs (a dead one is the monitor's business), its
+        last /stats request failed, and its last answer is `unhealthy_after`
+        seconds old. Recovered: it answered since. Skipped while draining: the
+        draining hooks already took every worker out of the registry's
+        rotation, and that must not be undone.
+        """
+        now = time.monotonic()
+        for handle in self.handles:
+            process = handle.process
+            if self.pool.draining:
+                return
+            if not handle.announced or process is None or process.returncode is not None:
+                continue
+            silent = now - handle.last_ok
+            if handle.healthy and not handle.alive and silent >= self.config.unhealthy_after:
+                handle.healthy = False
+                log.warning(
+                    "worker %d (transceiver %08x, pid %d) has not answered for %.1fs: "
+                    "no new calls until it does",
+                    handle.spec.index,
+                    handle.tid,
+                    process.pid,
+                    silent,
+                )
+                await _run_hooks(self.hooks.on_worker_unhealthy, handle.info(), "unhealthy")
+            elif not handle.healthy and handle.alive and silent < self.config.unhealthy_after:
+                handle.healthy = True
+                log.info(
+                    "worker %d (transceiver %08x) answers again", handle.spec.index, handle.tid
+                )
+                await _run_hooks(self.hooks.on_worker_recovered, handle.info(), "recovered")
 
     # -- lifecycle
 

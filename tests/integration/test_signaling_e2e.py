@@ -369,6 +369,11 @@ def test_metrics_and_health_reflect_the_calls(transceiver: Transceiver, client: 
     assert values['splitrelay_transceiver_audio_frames_total{direction="out"}'] > 500
     assert values['splitrelay_transceiver_datachannel_messages_total{direction="in"}'] > 10
     assert values["splitrelay_transceiver_sessions"] == 0
+    # Every media packet crossed the tunnel sockets; the drop reasons exist from the start.
+    assert values['splitrelay_transceiver_tunnel_packets_total{direction="in"}'] > 500
+    assert values['splitrelay_transceiver_tunnel_packets_total{direction="out"}'] > 500
+    assert 'splitrelay_transceiver_tunnel_drops_total{reason="unknown_sender"}' in values
+    assert not any("session" in k.partition("{")[2] for k in values), "no per-session labels"
 
 
 # --------------------------------------------------------------------- transceiver run

@@ -377,6 +377,69 @@ def test_a_real_client_connects_through_the_seam(monkeypatch: pytest.MonkeyPatch
     run(body)
 
 
+def test_the_answer_offers_only_the_relays_public_addresses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """a=candidate lines: exactly the configured relay v4 and v6 addresses, never the machine's.
+
+    The client's offer carries its own host candidate, and the machine has
+    addresses of its own; neither may leak into the answer (no host, srflx or
+    relay candidate of the transceiver), and the ufrag must carry the routing
+    token, or the relay could not route the client's first check.
+    """
+    machine = set(aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=True))
+    machine |= {"127.0.0.1", "::1"}
+    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
+    tid = 0x5EA1
+    public = [("198.51.100.1", 3478), ("2001:db8:c::1", 3479)]
+
+    async def body() -> tuple[str, str]:
+        worker = Worker(WorkerConfig(tid, "127.0.0.1", 0, [("127.0.0.1", 9)], public, 4))
+        await worker.start()
+        client = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        client.addTransceiver("audio")
+        client.createDataChannel("oai-events")
+        await client.setLocalDescription(await client.createOffer())
+        offer = client.localDescription.sdp
+        try:
+            call_id, answer = await worker.create_call(offer)
+            assert await worker.end_call(call_id)
+        finally:
+            await client.close()
+            await worker.stop(0)
+        return offer, answer
+
+    offer, answer = run(body)
+    assert "a=candidate:" in offer and "127.0.0.1" in offer, "the client did gather"
+    lines = answer.splitlines()
+    candidates = [Candidate.from_sdp(x[len("a=") :]) for x in lines if x.startswith("a=candidate:")]
+    assert candidates, answer
+    want = sorted((str(ip_address(h)), p) for h, p in public)
+    sections = answer.split("\r\nm=")[1:]
+    assert len(sections) == 2, answer  # audio and the data channel, bundled
+    for section in sections:
+        found = [
+            Candidate.from_sdp(x[len("a=") :])
+            for x in section.splitlines()
+            if x.startswith("a=candidate:")
+        ]
+        assert sorted((str(ip_address(c.host)), c.port) for c in found) == want, section
+    for c in candidates:
+        assert (c.type, c.transport.lower(), c.component) == ("host", "udp", 1), c.to_sdp()
+        assert c.related_address is None and c.related_port is None, c.to_sdp()
+    # Nothing of the machine anywhere in the answer (candidates, c= lines, a=rtcp).
+    for line in lines:
+        leaked = machine.intersection(line.replace("=", " ").split())
+        assert not leaked, f"the answer leaks the machine's {leaked}: {line!r}"
+    for typ in ("srflx", "relay", "prflx"):
+        assert f"typ {typ}" not in answer
+    ufrags = {x.split(":", 1)[1] for x in lines if x.startswith("a=ice-ufrag:")}
+    assert len(ufrags) == 1, ufrags
+    (ufrag,) = ufrags
+    assert ufrag.startswith(wire.TOKEN_VERSION + f"{tid:08x}") and len(ufrag) == wire.TOKEN_LEN
+    assert wire.parse_server_ufrag(ufrag) == tid
+
+
 def test_checks_toward_unheard_addresses_wait_then_time_out() -> None:
     async def body() -> None:
         mux = TunnelMux([("127.0.0.1", 9)])
