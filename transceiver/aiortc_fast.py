@@ -50,10 +50,11 @@ Guards: every patch is checked against the pinned aiortc release
 logged, and aiortc runs as released (slower, never wrong);
 tests/unit/test_aiortc_fast.py fails loudly so the patch gets ported.
 
-``SPLITRELAY_AIORTC_FAST=0`` in the environment turns everything here off
-(aiortc as released, and the playback pacing of transceiver/session.py as it
-was before): that is the "stock" variant of the benchmark
-(transceiver/bench.py). Never set it in production.
+``SPLITRELAY_AIORTC_FAST=0`` in the environment turns every patch here off
+(aiortc as released; the playback pacing of transceiver/session.py is not
+affected): that is the "stock-aiortc" variant of the benchmark
+(transceiver/bench.py, whose "before" variant also restores the old pacing,
+from transceiver/bench_server.py). Never set it in production.
 """
 
 from __future__ import annotations
