@@ -374,6 +374,14 @@ static __always_inline int stun_route(__u8 *p, void *data_end, __u32 len, __u32 
     return STUN_ROUTE;
 }
 
+/* The IP packet length the FIB compares with the egress MTU: it counts from
+ * the network header for both families (uapi bpf_fib_lookup.tot_len), so an
+ * IPv6 packet counts its 40-byte header too. */
+static __always_inline __u16 l3_total(int v6, __u16 udp_len)
+{
+    return udp_len + (v6 ? sizeof(struct ipv6hdr) : sizeof(struct iphdr));
+}
+
 /* Resolve the next hop for a packet we are about to emit. Returns 0 and
  * fills fib, or the pass counter to use. */
 static __always_inline int next_hop(struct xdp_md *ctx, struct bpf_fib_lookup *fib, int v6,
@@ -528,8 +536,7 @@ static __always_inline int to_transceiver(struct xdp_md *ctx, struct scratch *s,
     }
     if (v6 && pk->udp_csum == 0)
         return verdict(CTR_pass_no_checksum, XDP_PASS);
-    rc = next_hop(ctx, fib, v6, src, t->addr, cfg->tunnel_port, t->port,
-                  udp_len + (v6 ? 0 : sizeof(struct iphdr)));
+    rc = next_hop(ctx, fib, v6, src, t->addr, cfg->tunnel_port, t->port, l3_total(v6, udp_len));
     if (rc)
         return verdict(rc, XDP_PASS);
 
@@ -689,7 +696,7 @@ static __always_inline int from_tunnel(struct xdp_md *ctx, struct scratch *s,
     if (v6 && pk->udp_csum == 0)
         return verdict(CTR_pass_no_checksum, XDP_PASS);
     rc = next_hop(ctx, fib, v6, sess->relay_addr, key.addr, sess->relay_port, key.port,
-                  udp_len + (v6 ? 0 : sizeof(struct iphdr)));
+                  l3_total(v6, udp_len));
     if (rc)
         return verdict(rc, XDP_PASS);
 

@@ -10,9 +10,12 @@ inputs carry valid IP and UDP checksums.
 from __future__ import annotations
 
 import ipaddress
+import re
+import struct
+from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
@@ -27,6 +30,7 @@ from .xdp_harness import (
     CLIENT_MAC,
     DC_IF,
     DC_MAC,
+    LINK_MTU,
     PUB_IF,
     PUB_MAC,
     PUBLIC_PORT,
@@ -37,9 +41,11 @@ from .xdp_harness import (
     T2_V4,
     TID_DRAINING,
     TID_NO_NEIGH,
+    TID_NO_ROUTE,
     TID_T1,
     TID_T1_V6,
     TID_T2,
+    TID_UNKNOWN,
     TUNNEL_PORT,
     TUNNEL_V4,
     TUNNEL_V6,
@@ -50,7 +56,13 @@ from .xdp_harness import (
 ALLOWED = {XdpAction.XDP_PASS, XdpAction.XDP_DROP, XdpAction.XDP_REDIRECT, XdpAction.XDP_TX}
 CLIENTS = ["198.51.100.10", "198.51.100.77", "2001:db8:c::10", "2001:db8:c::77"]
 SENDERS = [(T1_V4, 4001), (T2_V4, 4002), (T1_V6, 4006), ("203.0.113.99", 4001), (T1_V4, 9)]
-TIDS = [TID_T1, TID_T2, TID_DRAINING, TID_T1_V6, TID_NO_NEIGH, 0xDEAD0001, 0, 0xFFFFFFFF]
+TIDS = [TID_T1, TID_T2, TID_DRAINING, TID_T1_V6, TID_NO_NEIGH, TID_NO_ROUTE]
+TIDS += [0xDEAD0001, 0, 0xFFFFFFFF]
+RELAY_C = (Path(__file__).resolve().parents[2] / "bpf" / "relay.c").read_text()
+# How far the kernel's STUN attribute walk looks; beyond it, userspace decides.
+STUN_SCAN_MAX = int(re.search(r"#define STUN_SCAN_MAX (\d+)", RELAY_C).group(1))  # type: ignore[union-attr]
+# Attribute values this long put what follows them around the scan window's edge.
+LONG_VALUE = st.binary(min_size=STUN_SCAN_MAX - 40, max_size=STUN_SCAN_MAX + 20)
 
 
 def _l3(src: str, dst: str) -> IP | IPv6:
@@ -59,12 +71,18 @@ def _l3(src: str, dst: str) -> IP | IPv6:
 
 @st.composite
 def stun_payloads(draw: st.DrawFn) -> bytes:
+    """Binding Requests: USERNAME after 0-2 other attributes (short, or long enough
+    to push it near or past the kernel's scan window), then 0-3 more."""
     tid = draw(st.sampled_from(TIDS))
     ufrag = f"1{tid:08x}" + draw(st.text(alphabet=wire.ICE_CHARS, min_size=8, max_size=8))
     client = draw(st.text(alphabet=wire.ICE_CHARS, min_size=0, max_size=8))
     username = draw(st.sampled_from([f"{ufrag}:{client}", ufrag, f"{ufrag.upper()}:{client}"]))
+    attr_type = st.one_of(st.sampled_from([0x8022, 0x0024, 0x8029]), st.integers(0, 0xFFFF))
+    value = st.one_of(st.binary(max_size=12), st.binary(max_size=12), LONG_VALUE)
+    before = draw(st.lists(st.tuples(attr_type, value), max_size=2))
     extras = draw(st.lists(st.tuples(st.integers(0, 0xFFFF), st.binary(max_size=12)), max_size=3))
-    return wire.build_binding_request(username.encode(), extra_attributes=extras)
+    attributes = [*before, (wire.ATTR_USERNAME, username.encode()), *extras]
+    return wire.build_stun_message(wire.STUN_BINDING_REQUEST, attributes)
 
 
 @st.composite
@@ -162,8 +180,31 @@ def test_never_an_open_relay(h: XdpHarness, case: tuple[bytes, str, bool]) -> No
         _check_output(h, res.packet, intact)
 
 
+def _beyond_scan_window(payload: bytes) -> bool:
+    """Whether the kernel's bounded walk of a Binding Request reaches an attribute
+    starting past STUN_SCAN_MAX before it finds USERNAME, a stop attribute, the
+    end, the attribute bound or a malformed attribute (the spec, independently)."""
+    try:
+        msg_type, _ = wire.parse_stun_header(payload)
+    except wire.WireError:
+        return False
+    if msg_type != wire.STUN_BINDING_REQUEST:
+        return False
+    off = wire.STUN_HEADER_LEN
+    for _ in range(wire.STUN_MAX_ATTRIBUTES):
+        if off == len(payload):
+            return False
+        if off > STUN_SCAN_MAX:
+            return True
+        attr_type, attr_len = struct.unpack_from("!HH", payload, off)
+        off += 4 + (attr_len + 3) // 4 * 4
+        if off > len(payload) or attr_type in (0x0006, 0x0008, 0x001C, 0x8028):
+            return False
+    return False
+
+
 def _python_verdict(h: XdpHarness, payload: bytes) -> tuple[int, str]:
-    """What the userspace rules (ctl.wire) say a client with no session gets."""
+    """What the userspace rules (ctl.wire) say an IPv4 client with no session gets."""
     try:
         tid = wire.route_binding_request(payload)
     except wire.WireError as exc:
@@ -177,7 +218,28 @@ def _python_verdict(h: XdpHarness, payload: bytes) -> tuple[int, str]:
         return XdpAction.XDP_DROP, "drop_transceiver_draining"
     if tid == TID_NO_NEIGH:
         return XdpAction.XDP_PASS, "pass_fib_no_neigh"
+    if tid == TID_NO_ROUTE:
+        return XdpAction.XDP_PASS, "pass_fib_failed"
+    ip_header = 40 if ":" in str(entry.addr) else 20
+    if ip_header + 8 + wire.TUNNEL_HEADER_LEN + len(payload) > LINK_MTU:
+        return XdpAction.XDP_PASS, "pass_fib_frag_needed"
     return XdpAction.XDP_REDIRECT, "sessions_created"
+
+
+def _big_request() -> bytes:
+    """A Binding Request with USERNAME first, too big to encapsulate within the MTU."""
+    username = f"{wire.make_server_ufrag(TID_T1, 'AbCd+/12')}:cl1e".encode()
+    filler = (0x8022, b"s" * (LINK_MTU - 100))
+    return wire.build_binding_request(username, b"\x05" * 12, [filler])
+
+
+def _long_request(username_offset: int, tid: int = TID_T1) -> bytes:
+    """A Binding Request with USERNAME at username_offset, after one filler."""
+    filler = (0x8022, b"s" * (username_offset - wire.STUN_HEADER_LEN - 4))
+    username = f"{wire.make_server_ufrag(tid, 'AbCd+/12')}:cl1e".encode()
+    return wire.build_stun_message(
+        wire.STUN_BINDING_REQUEST, [filler, (wire.ATTR_USERNAME, username)], b"\x05" * 12
+    )
 
 
 @st.composite
@@ -201,15 +263,23 @@ def stun_like(draw: st.DrawFn) -> bytes:
     derandomize=True,
 )
 @given(payload=stun_like())
+@example(payload=_long_request(STUN_SCAN_MAX))  # the last offset the kernel walks
+@example(payload=_long_request(STUN_SCAN_MAX + 4))  # the first one it leaves to userspace
+@example(payload=_long_request(STUN_SCAN_MAX + 4, TID_UNKNOWN))
+@example(payload=_long_request(wire.STUN_HEADER_LEN + 4 + 1400))  # long, and too big to encap
+@example(payload=_big_request())  # routable in the kernel, but too big to encapsulate there
 def test_xdp_and_userspace_rules_agree(h: XdpHarness, payload: bytes) -> None:
-    """The kernel and ctl.wire judge every first packet the same way."""
+    """The kernel and ctl.wire judge every first packet the same way, except that
+    the kernel passes up, and only then, a request it cannot walk to the end of."""
     xdp = h
     xdp.maps.flush_sessions()
     frame = Ether(src=CLIENT_MAC, dst=PUB_MAC) / IP(src="198.51.100.10", dst=RELAY_V4)
     frame = bytes(frame / UDP(sport=50000, dport=PUBLIC_PORT) / Raw(payload))
     res = xdp.run(frame, PUB_IF)
     reasons = [k for k in res.counters if k.startswith(("drop_", "pass_", "sessions_"))]
-    if reasons == ["pass_stun_too_long"]:
-        return  # beyond the kernel's scan window: userspace decides alone
+    if _beyond_scan_window(payload):
+        assert (XdpAction(res.verdict), reasons) == (XdpAction.XDP_PASS, ["pass_stun_too_long"])
+        assert res.packet == frame
+        return  # userspace decides alone, by the rules ctl.wire's own tests check
     verdict, reason = _python_verdict(xdp, payload)
     assert (XdpAction(res.verdict), reasons) == (verdict, [reason])

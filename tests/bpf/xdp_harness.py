@@ -11,6 +11,7 @@ scapy, an independent implementation of the headers and checksums.
 from __future__ import annotations
 
 import ipaddress
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +23,13 @@ from scapy.packet import Raw
 
 from ctl import wire
 from ctl.bpfsys import prog_test_run, xdp_md
-from ctl.layout import TransceiverState
+from ctl.layout import SessionEvent, TransceiverState
 from ctl.loader import RelayProgram, remove_pins
 from ctl.maps import RelayAddresses, RelayMaps
 from ctl.netns import in_netns
 
-NETNS = "srt-xdp-harness"
+# One namespace per test process, so concurrent runs never tear down each other's.
+NETNS = f"srt-xdp-harness-{os.getpid()}"
 
 # The relay: a public interface toward clients and an inside one toward transceivers.
 PUB_IF, DC_IF = "pub0", "dc0"
@@ -41,9 +43,15 @@ CLIENT_V4, CLIENT_V6, CLIENT_MAC = "198.51.100.10", "2001:db8:c::10", "02:00:00:
 T1_V4, T1_V6, T1_MAC = "203.0.113.11", "2001:db8:1::11", "02:00:00:00:00:11"
 T2_V4, T2_MAC = "203.0.113.12", "02:00:00:00:00:12"
 T_NO_NEIGH_V4 = "203.0.113.13"  # on link, but no neighbour entry: FIB says NO_NEIGH
+T_NO_ROUTE_V4 = "192.0.2.20"  # no route at all: FIB says NOT_FWDED
+CLIENT_NO_ROUTE_V4 = "192.0.2.30"  # a client the relay has no route back to
+CLIENT_NARROW_V4 = "198.51.100.20"  # behind a route whose MTU is locked at NARROW_MTU
+NARROW_MTU = 1280
+LINK_MTU = 1500  # every veth in the namespace
 
 # Transceiver ids.
 TID_T1, TID_T2, TID_DRAINING, TID_T1_V6, TID_NO_NEIGH = 0xA001, 0xA002, 0xA003, 0xA006, 0xA00D
+TID_NO_ROUTE = 0xA00E
 TID_UNKNOWN = 0xDEAD0001
 
 
@@ -70,9 +78,12 @@ def setup_netns() -> None:
         (DC_IF, T1_V4, T1_MAC),
         (DC_IF, T1_V6, T1_MAC),
         (DC_IF, T2_V4, T2_MAC),
+        (PUB_IF, CLIENT_NARROW_V4, CLIENT_MAC),
     )
     for dev, addr, mac in neighbours:
         _ip(*n, "neigh", "replace", addr, "lladdr", mac, "dev", dev, "nud", "permanent")
+    # A path with a smaller MTU than the link's; "lock" makes the FIB report it.
+    _ip(*n, "route", "add", f"{CLIENT_NARROW_V4}/32", "dev", PUB_IF, "mtu", "lock", str(NARROW_MTU))
     # bpf_fib_lookup in forwarding mode needs forwarding on the ingress device.
     for key in ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"):
         subprocess.run(
@@ -106,9 +117,14 @@ class XdpHarness:
             from ctl.xdp import ifindex
 
             self.ifindex = {PUB_IF: ifindex(PUB_IF), DC_IF: ifindex(DC_IF)}
+        # The one consumer of the event ring: reset() empties it, so events
+        # from earlier tests never fill it up (which would count events_lost).
+        self.events: list[SessionEvent] = []
+        self.program.open_events(self.events.append)
 
     def reset(self) -> None:
-        """The standard state: addresses, five transceivers, no sessions, zero counters."""
+        """The standard state: addresses, six transceivers, no sessions, zero counters,
+        an empty event ring."""
         self.maps.set_addresses(
             RelayAddresses(
                 public_port=PUBLIC_PORT,
@@ -125,8 +141,16 @@ class XdpHarness:
         self.maps.put_transceiver(TID_DRAINING, T1_V4, 4003, TransceiverState.DRAINING)
         self.maps.put_transceiver(TID_T1_V6, T1_V6, 4006)
         self.maps.put_transceiver(TID_NO_NEIGH, T_NO_NEIGH_V4, 4013)
+        self.maps.put_transceiver(TID_NO_ROUTE, T_NO_ROUTE_V4, 4014)
         self.maps.flush_sessions()
         self.maps.reset_counters()
+        self.drain_events()
+
+    def drain_events(self) -> list[SessionEvent]:
+        """Consume every event waiting in the ring; return them."""
+        self.program.poll_events(0)
+        out, self.events[:] = list(self.events), []
+        return out
 
     def run(self, packet: bytes, ingress: str = PUB_IF) -> Result:
         """Run one frame as if it arrived on `ingress`; report verdict, output, counters."""
@@ -140,6 +164,24 @@ class XdpHarness:
         after = self.maps.counters_snapshot()
         delta = {k: after[k] - before[k] for k in after if after[k] != before[k]}
         return Result(res.retval, res.data, delta)
+
+    def run_quiet(self, packet: bytes, ingress: str = PUB_IF) -> int:
+        """Run one frame for its side effects only (no counter snapshots); the verdict."""
+        with in_netns(NETNS):
+            return prog_test_run(
+                self.program.prog_fd,
+                packet,
+                ctx=xdp_md(ingress_ifindex=self.ifindex[ingress], data_len=len(packet)),
+            ).retval
+
+    def fill_event_ring(self) -> None:
+        """Create sessions, with nobody consuming events, until the ring is full."""
+        port = 1
+        while self.maps.counters_snapshot()["events_lost"] == 0:
+            for _ in range(512):
+                self.run_quiet(client_frame(binding_request(TID_T1), port=port))
+                port += 1
+            assert port < 60000, "the event ring never filled up"
 
     def close(self) -> None:
         self.maps.close()
@@ -213,8 +255,9 @@ def expected_encap(
     client: str = CLIENT_V4,
     client_port: int = 50000,
     tos: int = 0,
+    src_mac: str = DC_MAC,
 ) -> bytes:
-    """What the relay must emit toward a transceiver."""
+    """What the relay must emit toward a transceiver (out of dc0 unless src_mac says)."""
     src = TUNNEL_V6 if ":" in t_addr else TUNNEL_V4
     ip = (
         IPv6(src=src, dst=t_addr, hlim=64, tc=tos)
@@ -222,7 +265,7 @@ def expected_encap(
         else IP(src=src, dst=t_addr, ttl=64, flags="DF", id=0, tos=tos)
     )
     return bytes(
-        Ether(src=DC_MAC, dst=t_mac)
+        Ether(src=src_mac, dst=t_mac)
         / ip
         / UDP(sport=TUNNEL_PORT, dport=t_port)
         / Raw(tunnel_header(client, client_port) + payload)
