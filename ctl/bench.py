@@ -1229,19 +1229,27 @@ def _terminate_on_sigterm() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark: 0 on success, 1 on an error or a failed check, 128+signal if stopped."""
-    opts = parse_args(argv)
+    return execute(parse_args(argv))
+
+
+def execute(opts: Options, error_prefix: str = "bench: ") -> int:
+    """Run the benchmark opts describe and print its report; the exit code as main's.
+
+    Shared by `python -m ctl.bench` and `relayctl bench`, which parse the
+    same options their own way; error_prefix starts each one-line error.
+    """
     if os.geteuid() != 0:
-        print("bench: needs root (namespaces, XDP): run `sudo make bench`", file=sys.stderr)
+        print(f"{error_prefix}needs root (namespaces, XDP): run `sudo make bench`", file=sys.stderr)
         return 1
     _terminate_on_sigterm()
     try:
         select_paths(opts.paths)
         results, meta = run(opts)
     except KeyboardInterrupt as exc:
-        print("bench: interrupted; testbed torn down", file=sys.stderr)
+        print(f"{error_prefix}interrupted; testbed torn down", file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
     except Exception as exc:  # one clear line, never a traceback
-        print(f"bench: {exc}", file=sys.stderr)
+        print(f"{error_prefix}{exc}", file=sys.stderr)
         return 1
     report = report_json(results, meta)
     opts.output.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,10 @@ Choices the brief left open:
 - `stats --watch` cannot be combined with `--json`: poll `stats --json`.
 - `attach` compiles, pins and attaches only; the relay's addresses are set by
   `relayctl run`, so until then the program passes everything up (it says so).
+- `stats` shows the kernel's counters and, next to them, the userspace path's,
+  which only the daemon holds: it copies them into its run state every second
+  (a file the CLI reads from any network namespace, unlike the metrics port).
+- `bench` is `python -m ctl.bench` (what `make bench` runs) with click options.
 """
 
 from __future__ import annotations
@@ -40,8 +44,8 @@ from typing import Any, TypeVar
 
 import click
 
+from ctl import bench, runstate, xdp
 from ctl import cliutil as cu
-from ctl import runstate, xdp
 from ctl.bpfsys import BpfError, PinnedMap
 from ctl.daemon import run_command
 from ctl.demo import demo_command
@@ -399,7 +403,13 @@ def transceivers_drain(settings: Settings, tid: int) -> None:
 def stats(
     ctx: click.Context, as_json: bool, watch: bool, interval: float, count: int | None
 ) -> None:
-    """Data-plane counters: forwarded, sessions, drops and passes by reason."""
+    """Counters of both paths: forwarded, sessions, drops and passes by reason.
+
+    The XDP program's counters come from the pinned map; the userspace path's
+    from the running daemon, which copies them into its run state every
+    second. The first line says which path relays. JSON: {"xdp": groups or
+    null, "userspace": groups or null (no running daemon), "daemon": ...}.
+    """
     settings: Settings = ctx.obj
     if watch and as_json:
         raise click.UsageError("--json and --watch do not mix: poll `stats --json` instead")
@@ -407,21 +417,45 @@ def stats(
         for name in ("interval", "count"):
             if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
                 raise click.UsageError(f"--{name} needs --watch")
-    with _open_maps(settings) as maps:
-        if watch:
+    if watch:
+        with _open_maps(settings) as maps:
             _watch_stats(maps, settings.pin_dir, interval, count)
-            return
-        groups = cu.group_counters(maps.counters_snapshot())
+        return
+    report = cu.stats_report(_kernel_counters(settings.pin_dir), _daemon_record(settings.pin_dir))
     if as_json:
-        _emit_json(groups)
+        _emit_json(report)
     else:
-        click.echo("\n".join(cu.render_stats(groups)))
+        click.echo("\n".join(cu.render_stats_report(report)))
+
+
+def _daemon_record(pin_dir: Path) -> dict[str, Any] | None:
+    """The daemon's run state as a dict, with whether it still runs."""
+    state = runstate.load(pin_dir)
+    return None if state is None else {**asdict(state), "alive": state.alive}
+
+
+def _kernel_counters(pin_dir: Path) -> dict[str, int] | None:
+    """The pinned counters; None only when a running daemon has no maps (XDP could not load)."""
+    try:
+        with RelayMaps(pin_dir) as maps:
+            return maps.counters_snapshot()
+    except BpfError as exc:
+        state = runstate.load(pin_dir)
+        if exc.errno == errno.ENOENT and state is not None and state.alive:
+            return None
+        raise
 
 
 def _watch_stats(maps: RelayMaps, pin_dir: Path, interval: float, count: int | None) -> None:
-    """Redraw the counters in place like `top`; Ctrl-C ends it as a normal exit."""
+    """Redraw the counters in place like `top`; Ctrl-C ends it as a normal exit.
+
+    Userspace rates are computed between two copies the daemon recorded (one
+    a second), not between frames, and kept until the next copy arrives.
+    """
     prev: dict[str, int] | None = None
     prev_t = 0.0
+    us_prev: tuple[float, dict[str, int]] | None = None
+    us_rates: dict[str, float | None] | None = None
     deadline = time.monotonic()
     frames = 0
     try:
@@ -429,8 +463,28 @@ def _watch_stats(maps: RelayMaps, pin_dir: Path, interval: float, count: int | N
         while True:
             snap, now = maps.counters_snapshot(), time.monotonic()
             rates = cu.counter_rates(prev, snap, now - prev_t) if prev is not None else None
+            record = _daemon_record(pin_dir)
+            daemon = cu.stats_report(snap, record)["daemon"]
+            userspace = None
+            if record is not None and daemon["counters_updated"] is not None:
+                taken = float(daemon["counters_updated"])
+                us_snap: dict[str, int] = dict(record["userspace_counters"])
+                if us_prev is not None and taken > us_prev[0]:
+                    us_rates = cu.counter_rates(us_prev[1], us_snap, taken - us_prev[0])
+                if us_prev is None or taken > us_prev[0]:
+                    us_prev = (taken, us_snap)
+                userspace = cu.StatsSection(cu.userspace_title(daemon), us_snap, us_rates)
             frames += 1
-            lines = cu.stats_watch_lines(pin_dir, interval, frames, count, snap, rates)
+            lines = cu.stats_watch_lines(
+                pin_dir,
+                interval,
+                frames,
+                count,
+                snap,
+                rates,
+                path_line=cu.stats_path_line(daemon),
+                userspace=userspace,
+            )
             click.echo(cu.watch_frame(lines), nl=False, color=True)
             if count is not None and frames >= count:
                 return
@@ -617,6 +671,77 @@ def testbed_status(as_json: bool, prefix: str) -> None:
         _emit_json(st)
     else:
         click.echo(cu.render_testbed_status(prefix, st))
+
+
+# ----------------------------------------------------------------------- bench
+
+
+@relayctl.command("bench")
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="Measured seconds per path and run.",
+)
+@click.option(
+    "--warmup",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Seconds of traffic before measuring.",
+)
+@click.option(
+    "--size",
+    type=click.IntRange(bench.MIN_PAYLOAD, bench.MAX_PAYLOAD),
+    default=160,
+    show_default=True,
+    help="UDP payload bytes (160 is 20 ms of voice).",
+)
+@click.option(
+    "--repeat",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Runs per path, interleaved; medians are reported.",
+)
+@click.option(
+    "--paths",
+    default=",".join(p.name for p in bench.PATHS),
+    show_default=True,
+    help="Comma-separated paths to measure.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout.")
+@click.option(
+    "--output",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=bench.RESULTS_FILE,
+    show_default=True,
+    help="Where to write the JSON report.",
+)
+def bench_command(
+    duration: float,
+    warmup: float,
+    size: int,
+    repeat: int,
+    paths: str,
+    as_json: bool,
+    output: Path,
+) -> int:
+    """Data-plane packets per second: relay XDP native and generic, userspace, XDP ceiling.
+
+    The benchmark `sudo make bench` runs (python -m ctl.bench; the method is
+    in ctl/bench.py), with the same options. Needs root: it builds its own
+    namespace testbed (prefix srbench) and always tears it down. Progress
+    goes to stderr; the exit code is 1 when a check of the measurement failed.
+    """
+    names = tuple(n.strip() for n in paths.split(",") if n.strip())
+    try:
+        bench.select_paths(names)
+    except bench.BenchError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--paths'") from exc
+    opts = bench.Options(duration, warmup, size, repeat, names, as_json, output)
+    return bench.execute(opts, error_prefix=ERROR_PREFIX)
 
 
 def main() -> None:

@@ -487,6 +487,15 @@ def render_stats(
     return lines
 
 
+@dataclass(frozen=True)
+class StatsSection:
+    """One titled block of `stats --watch`: counter values and their rates (None: no rate yet)."""
+
+    title: str
+    snapshot: Mapping[str, int]
+    rates: Mapping[str, float | None] | None
+
+
 def stats_watch_lines(
     pin_dir: Path,
     interval: float,
@@ -494,15 +503,108 @@ def stats_watch_lines(
     count: int | None,
     snapshot: Mapping[str, int],
     rates: Mapping[str, float | None] | None,
+    *,
+    path_line: str | None = None,
+    userspace: StatsSection | None = None,
 ) -> list[str]:
-    """One `stats --watch` screen: a header line, then every counter with its rate."""
+    """One `stats --watch` screen: a header line, then every counter with its rate.
+
+    snapshot/rates are the kernel's counters; with `userspace` (the daemon's
+    counters) both blocks get a title, and path_line says which path relays.
+    """
     of = f"/{count}" if count else ""
     header = (
         f"relayctl stats  {pin_dir}  every {interval:g}s  {time.strftime('%H:%M:%S')}  "
         f"refresh {frame}{of}  (Ctrl-C quits)"
     )
     grouped_rates = group_counters(rates) if rates is not None else None
-    return [header, "", *render_stats(group_counters(snapshot), grouped_rates, with_rates=True)]
+    lines = [header, ""]
+    if path_line:
+        lines += [path_line, ""]
+    if userspace is not None:
+        lines.append(XDP_TITLE)
+    lines += render_stats(group_counters(snapshot), grouped_rates, with_rates=True)
+    if userspace is not None:
+        us_rates = group_counters(userspace.rates) if userspace.rates is not None else None
+        lines += ["", userspace.title]
+        lines += render_stats(group_counters(userspace.snapshot), us_rates, with_rates=True)
+    return lines
+
+
+# `relayctl stats` reads two sources: the kernel's per-CPU counters in the pinned
+# map (what the XDP program did), and the userspace path's counters, which live in
+# the daemon and which it copies into its run state every second (ctl/runstate.py).
+XDP_TITLE = "[xdp] kernel counters (pinned map)"
+
+
+def stats_report(
+    kernel: Mapping[str, int] | None, daemon: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """`stats --json`: both paths' counters, grouped, and the daemon they come from.
+
+    kernel is the pinned counter map (None when nothing is pinned); daemon is
+    the run state as a dict with `alive` added (None when none was recorded).
+    The userspace counters are given only while their daemon runs: a stopped
+    daemon's last copy would read as a relay that stopped relaying.
+    """
+    running = bool(daemon and daemon.get("alive"))
+    userspace = None
+    if daemon is not None and running and daemon.get("counters_updated") is not None:
+        userspace = group_counters(daemon.get("userspace_counters") or {})
+    info = None
+    if daemon is not None:
+        info = {
+            "pid": daemon["pid"],
+            "state": "running" if running else "stale",
+            "xdp_attached": bool(daemon.get("xdp")),
+            "interfaces": dict(daemon.get("interfaces") or {}),
+            "fallback_reason": daemon.get("fallback_reason"),
+            "counters_updated": daemon.get("counters_updated") if running else None,
+        }
+    return {
+        "xdp": group_counters(kernel) if kernel is not None else None,
+        "userspace": userspace,
+        "daemon": info,
+    }
+
+
+def stats_path_line(daemon: Mapping[str, Any] | None) -> str:
+    """Which path relays, in one line: what an operator must know to read the numbers."""
+    if daemon is None:
+        return "no daemon state recorded (relayctl run): kernel counters only"
+    if daemon["state"] != "running":
+        return (
+            f"daemon pid {daemon['pid']} is not running: kernel counters only; "
+            "the userspace path relays nothing without it"
+        )
+    if daemon["xdp_attached"]:
+        modes = ", ".join(f"{k} {v}" for k, v in daemon["interfaces"].items())
+        return f"XDP attached ({modes}); the userspace path relays what XDP passes up"
+    reason = daemon.get("fallback_reason") or "no reason recorded"
+    return (
+        f"XDP not in use ({reason}): the userspace path relays everything, "
+        "so the kernel counters stay at zero"
+    )
+
+
+def userspace_title(daemon: Mapping[str, Any]) -> str:
+    """The heading of the userspace block, naming where its numbers come from."""
+    when = daemon.get("counters_updated")
+    at = time.strftime("%H:%M:%S", time.localtime(when)) if when else "?"
+    return f"[userspace] counters of daemon pid {daemon['pid']} (run state, as of {at})"
+
+
+def render_stats_report(report: Mapping[str, Any]) -> list[str]:
+    """`stats` as text: the path line, then the kernel block and the userspace block."""
+    daemon = report["daemon"]
+    lines = [stats_path_line(daemon), ""]
+    if report["xdp"] is not None:
+        lines += [XDP_TITLE, *render_stats(report["xdp"])]
+    else:
+        lines.append("[xdp] no maps pinned: XDP could not load (see `relayctl status`)")
+    if report["userspace"] is not None:
+        lines += ["", userspace_title(daemon), *render_stats(report["userspace"])]
+    return lines
 
 
 def watch_frame(lines: Sequence[str]) -> str:

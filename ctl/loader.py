@@ -44,6 +44,23 @@ class MapSizes:
             raise ValueError("event_pages must be a power of two")
 
 
+def _import_bcc() -> Any:
+    """bcc's BPF class, or LoadError: without bcc the relay runs on its userspace path.
+
+    Imported here rather than at module level because the CLI's map commands
+    do not need bcc. A missing or broken bcc (no python3-bpfcc, a version that
+    does not match libbcc) is a reason to fall back, like any other load
+    failure, not a crash.
+    """
+    try:
+        from bcc import BPF
+    except (ImportError, OSError) as exc:  # OSError: bcc found, libbcc.so not
+        raise LoadError(
+            f"bcc is not importable ({exc}); install python3-bpfcc (see the README)"
+        ) from exc
+    return BPF
+
+
 def _bpffs_ready(pin_dir: Path) -> None:
     root = pin_dir.parent
     if not os.path.ismount(root) and not os.path.ismount("/sys/fs/bpf"):
@@ -62,8 +79,7 @@ class RelayProgram:
 
     def load(self) -> RelayProgram:
         """Compile with bcc and load; maps are created or adopted at pin_dir."""
-        from bcc import BPF  # imported here: the CLI's map commands do not need bcc
-
+        BPF = _import_bcc()
         _bpffs_ready(self.pin_dir)
         cflags = [
             f"-I{layout.BPF_DIR}",

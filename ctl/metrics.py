@@ -31,7 +31,8 @@ _FORWARD = {
 class RelaySources:
     """Where each family's values come from (callables, read at every scrape)."""
 
-    xdp_counters: Callable[[], dict[str, int]] | None = None
+    # None, or returning None: no kernel maps (XDP could not load), so no path="xdp" series.
+    xdp_counters: Callable[[], dict[str, int] | None] | None = None
     userspace_counters: Callable[[], dict[str, int]] = dict
     session_count: Callable[[], int] = lambda: 0
     xdp_attachments: Callable[[], dict[str, str]] = dict  # ifname -> mode
@@ -70,8 +71,9 @@ class RelayCollector(Collector):
             labels=["path"],
         )
         paths: list[tuple[str, dict[str, int]]] = []
-        if self.sources.xdp_counters is not None:
-            paths.append(("xdp", self.sources.xdp_counters()))
+        xdp = self.sources.xdp_counters() if self.sources.xdp_counters is not None else None
+        if xdp is not None:
+            paths.append(("xdp", xdp))
         paths.append(("userspace", self.sources.userspace_counters()))
         for path, values in paths:
             for name, (metric, direction) in _FORWARD.items():
@@ -113,7 +115,8 @@ class RelayCollector(Collector):
 
 _HELP = {
     "sessions_expired": "Sessions removed after their idle timeout",
-    "events_lost": "Session events the kernel could not report (ring buffer full)",
+    "events_lost": "Session events lost: the kernel's ring buffer was full, or the "
+    "controller could not pass an event on",
     "redis_errors": "Redis operations that failed",
 }
 
@@ -143,6 +146,7 @@ class MetricsServer:
             host, port, make_wsgi_app(registry), server_class=_Server, handler_class=_Quiet
         )
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._started = False
 
     @property
     def address(self) -> tuple[str, int]:
@@ -151,10 +155,18 @@ class MetricsServer:
         return str(host), int(port)
 
     def start(self) -> None:
+        """Serve in the background (the socket is bound and listening since __init__)."""
         self._thread.start()
+        self._started = True
 
     def stop(self) -> None:
-        self._server.shutdown()
+        """Stop serving and close the socket; safe on a server that never started.
+
+        shutdown() waits for serve_forever() to acknowledge, so it would hang
+        on a server whose thread never ran (a daemon that failed to start).
+        """
+        if self._started:
+            self._server.shutdown()
         self._server.server_close()
 
 

@@ -32,6 +32,10 @@ AddrLike: TypeAlias = IPv4Address | IPv6Address | str
 #: The XDP program's default bound on the transceiver map (MAX_TRANSCEIVERS).
 DEFAULT_MAX_TRANSCEIVERS = 1024
 
+#: Bytes of a session value that name its owner and its creation (tid, relay
+#: port, origin, pad, relay address, created_ns): a reroute changes them.
+_IDENTITY_LEN = Session.last_seen_ns.offset
+
 
 class StateError(RuntimeError):
     """A state operation cannot be done (a full table, an invalid value)."""
@@ -135,9 +139,9 @@ class KernelState:
 
     Every call is a map syscall; nothing is cached, because the XDP program
     and other processes (the CLI, a restarted daemon) change the maps
-    underneath. touch() is a read-modify-write of the session value: the
-    kernel's concurrent atomic adds to the same entry may lose a count, which
-    only affects statistics, never routing.
+    underneath. touch() is a read-modify-write of the session value; see
+    its docstring for how it keeps from undoing a concurrent reroute and what
+    race remains.
     """
 
     def __init__(self, maps: RelayMaps) -> None:
@@ -173,8 +177,24 @@ class KernelState:
         return SessionEntry.from_raw(key, value)
 
     def touch(self, addr: AddrLike, port: int, to_transceiver: bool, nbytes: int) -> bool:
+        """Account one userspace packet in the session; never undo an owner change.
+
+        The map offers userspace no compare-and-swap, so this is a
+        read-modify-write of the whole value. The XDP program reroutes a client
+        by replacing its value (new owner, new created_ns) while this runs, so
+        the value is read again just before the write, and the write is skipped
+        (the packet then goes uncounted in the session) if the session's
+        identity changed meanwhile: writing would hand the client back to its
+        old owner. What remains: a reroute that lands between that second read
+        and the write (two consecutive syscalls, a microsecond or two) is still
+        undone, until the client's next Binding Request (consent checks come
+        every few seconds) routes it again; and the kernel's atomic per-packet
+        adds to the counters in the same window are lost, which only affects
+        statistics.
+        """
         key = bytes(layout.session_key(_addr(addr), port))
-        raw = self.maps.sessions.lookup(key)
+        lookup = self.maps.sessions.lookup
+        raw = lookup(key)
         if raw is None:
             return False
         value = Session.from_buffer_copy(raw)
@@ -185,6 +205,11 @@ class KernelState:
         else:
             value.packets_to_client += 1
             value.bytes_to_client += nbytes
+        again = lookup(key)
+        if again is None:
+            return False
+        if again[:_IDENTITY_LEN] != raw[:_IDENTITY_LEN]:
+            return True  # rerouted (or replaced) meanwhile: the new owner's value stays
         try:
             # BPF_EXIST: a session removed meanwhile (expiry, operator, LRU) stays removed.
             self.maps.sessions.update(key, bytes(value), BPF_EXIST)
@@ -383,6 +408,25 @@ class MemoryState:
         key = _key(addr, port)
         with self._lock:
             return self._sessions.pop(key, None) is not None
+
+    def expire_idle(self, before_ns: int, max_examined: int) -> int:
+        """Remove sessions last seen before `before_ns`; look at most at max_examined.
+
+        The dict is in least-recently-used order and every put or touch moves a
+        session to the end with last_seen = now, so the idle sessions are a
+        prefix: the sweep pops from the front and stops at the first live one.
+        Its cost is bounded by the idle sessions found, never the table size.
+        """
+        removed = 0
+        with self._lock:
+            sessions = self._sessions
+            while removed < max_examined and sessions:
+                first = next(iter(sessions.values()))
+                if first.last_seen_ns >= before_ns:
+                    break
+                sessions.popitem(last=False)
+                removed += 1
+        return removed
 
     def iter_sessions(self) -> Iterator[SessionEntry]:
         """A snapshot, least recently used first (safe while the relay keeps running)."""

@@ -144,6 +144,90 @@ class _TunnelItem:
     src: tuple[Any, ...]
 
 
+@dataclass
+class RelaySockets:
+    """The relay's bound UDP sockets, before it relays on them.
+
+    Binding is the step another process can make fail (a port in use), so the
+    daemon does it before anything else changes, and hands the result to
+    UserspaceRelay.
+    """
+
+    public: list[tuple[socket.socket, IPAddress]]  # (socket, bound address); wildcard = PKTINFO
+    tunnel: dict[int, socket.socket]  # IP version -> tunnel socket
+
+    def all(self) -> list[socket.socket]:
+        """Every socket, public ones first."""
+        return [sock for sock, _ in self.public] + list(self.tunnel.values())
+
+    def close(self) -> None:
+        """Close every socket (idempotent)."""
+        for sock in self.all():
+            sock.close()
+
+
+def bind_sockets(addresses: RelayAddresses) -> RelaySockets:
+    """Bind the public and tunnel sockets of `addresses`, or raise a one-line RelayError.
+
+    Either every socket is bound or none stays open.
+    """
+    a = addresses
+    for port, what in ((a.public_port, "public"), (a.tunnel_port, "tunnel")):
+        if not 0 < port <= 0xFFFF:
+            raise RelayError(f"the {what} port {port} is not in 1..65535")
+    publics = [x for x in (a.public_v4, a.public_v6) if x is not None]
+    if not publics:
+        raise RelayError("no public address configured: give an IPv4 and/or IPv6 address")
+    bound = RelaySockets([], {})
+    try:
+        for addr in publics:
+            sock = _open_socket(addr, a.public_port, "public", pktinfo=addr.is_unspecified)
+            bound.public.append((sock, addr))
+        for tun in (a.tunnel_v4, a.tunnel_v6):
+            if tun is not None:
+                bound.tunnel[tun.version] = _open_socket(tun, a.tunnel_port, "tunnel")
+    except BaseException:
+        bound.close()
+        raise
+    return bound
+
+
+def _open_socket(addr: IPAddress, port: int, role: str, *, pktinfo: bool = False) -> socket.socket:
+    """A bound non-blocking UDP socket, or a one-line RelayError.
+
+    SO_REUSEADDR on UDP lets every socket that sets it share a port
+    silently (a second relay would steal part of the traffic), so a probe
+    bind without it first turns "port in use" into a clear error.
+    """
+    where = f"the {role} address {_endpoint(addr, port)}"
+    family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            probe.bind((str(addr), port))
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise RelayError(_bind_message(where, addr, exc)) from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if pktinfo:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+        elif pktinfo:
+            sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        sock.bind((str(addr), port))
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise RelayError(_bind_message(where, addr, exc)) from exc
+    return sock
+
+
 class UserspaceRelay:
     """The relay's userspace data path: public sockets on R, tunnel sockets on Ri.
 
@@ -152,7 +236,9 @@ class UserspaceRelay:
     packet naming it); a session it returns is installed in `state` and the
     held packets go on. `on_session(entry, kind)` hears of every session this
     path creates ("created") or moves to another transceiver ("rerouted"), so
-    it can reach Redis as kernel-created sessions do.
+    it can reach Redis as kernel-created sessions do. `sockets` are ones
+    bind_sockets() bound earlier (the relay then owns them); without them,
+    start() binds its own.
     """
 
     def __init__(
@@ -164,8 +250,10 @@ class UserspaceRelay:
         on_session: SessionHook | None = None,
         recover_timeout: float = RECOVER_TIMEOUT,
         recover_negative_ttl: float = RECOVER_NEGATIVE_TTL,
+        sockets: RelaySockets | None = None,
     ) -> None:
         self.addresses = addresses
+        self._bound = sockets
         self.state = state
         self._recover = recover
         self._on_session = on_session
@@ -200,30 +288,19 @@ class UserspaceRelay:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Bind every socket and start relaying; RelayError says what went wrong.
+        """Start relaying on the sockets given at construction, or bind them now.
 
-        Sockets are created in the calling thread's network namespace.
+        RelayError says what went wrong. Sockets are created in the calling
+        thread's network namespace.
         """
         if self._loop is not None:
             raise RelayError("the userspace relay is already started")
-        a = self.addresses
-        for port, what in ((a.public_port, "public"), (a.tunnel_port, "tunnel")):
-            if not 0 < port <= 0xFFFF:
-                raise RelayError(f"the {what} port {port} is not in 1..65535")
-        publics = [x for x in (a.public_v4, a.public_v6) if x is not None]
-        if not publics:
-            raise RelayError("no public address configured: give an IPv4 and/or IPv6 address")
+        bound = self._bound if self._bound is not None else bind_sockets(self.addresses)
+        self._bound = None
         loop = asyncio.get_running_loop()
-        try:
-            for addr in publics:
-                sock = self._open(addr, a.public_port, "public", pktinfo=addr.is_unspecified)
-                self._public.append((sock, addr))
-            for tun in (a.tunnel_v4, a.tunnel_v6):
-                if tun is not None:
-                    self._tunnel[tun.version] = self._open(tun, a.tunnel_port, "tunnel")
-        except BaseException:
-            self._close_sockets()
-            raise
+        self._sockets = bound.all()
+        self._public = list(bound.public)
+        self._tunnel = dict(bound.tunnel)
         self._loop = loop
         for sock, addr in self._public:
             if addr.is_unspecified:
@@ -232,6 +309,7 @@ class UserspaceRelay:
                 loop.add_reader(sock.fileno(), self._read_public, sock, addr)
         for sock in self._tunnel.values():
             loop.add_reader(sock.fileno(), self._read_tunnel, sock)
+        a = self.addresses
         log.info(
             "userspace relay on public %s, tunnel %s",
             ", ".join(_endpoint(addr, a.public_port) for _, addr in self._public),
@@ -249,6 +327,9 @@ class UserspaceRelay:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._close_sockets()
+        if self._bound is not None:  # given but never started
+            self._bound.close()
+            self._bound = None
         self._pending.clear()
         self._loop = None
 
@@ -262,44 +343,6 @@ class UserspaceRelay:
         self._tunnel.clear()
         for routes in self._routes.values():
             routes.clear()
-
-    def _open(
-        self, addr: IPAddress, port: int, role: str, *, pktinfo: bool = False
-    ) -> socket.socket:
-        """A bound non-blocking UDP socket, or a one-line RelayError.
-
-        SO_REUSEADDR on UDP lets every socket that sets it share a port
-        silently (a second relay would steal part of the traffic), so a probe
-        bind without it first turns "port in use" into a clear error.
-        """
-        where = f"the {role} address {_endpoint(addr, port)}"
-        family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
-        try:
-            with socket.socket(family, socket.SOCK_DGRAM) as probe:
-                if family == socket.AF_INET6:
-                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                probe.bind((str(addr), port))
-            sock = socket.socket(family, socket.SOCK_DGRAM)
-        except OSError as exc:
-            raise RelayError(_bind_message(where, addr, exc)) from exc
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                if pktinfo:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
-            elif pktinfo:
-                sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
-            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-            sock.bind((str(addr), port))
-            sock.setblocking(False)
-        except OSError as exc:
-            sock.close()
-            raise RelayError(_bind_message(where, addr, exc)) from exc
-        self._sockets.append(sock)
-        return sock
 
     @property
     def counters(self) -> dict[str, int]:

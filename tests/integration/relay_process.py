@@ -59,9 +59,14 @@ class RelayProcess:
             *PATHS[self.path], *extra,
         ]  # fmt: skip
 
-    def start(self, extra: Sequence[str] = (), timeout: float = 20.0) -> RelayProcess:
+    def start(
+        self, extra: Sequence[str] = (), timeout: float = 20.0, env: dict[str, str] | None = None
+    ) -> RelayProcess:
+        """Start `relayctl run` and wait until its run state names it (it is then serving)."""
         runstate.remove(self.pin_dir)
-        self.proc = self.testbed.spawn(self.host, self.argv(extra), name=f"relay-{self.path}")
+        self.proc = self.testbed.spawn(
+            self.host, self.argv(extra), name=f"relay-{self.path}", env=env
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             state = runstate.load(self.pin_dir)

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -286,7 +289,7 @@ def test_kernel_created_session_shows_in_listings_and_stats(relay: XdpHarness) -
     assert {t["id"]: t["sessions"] for t in txs}["0000a001"] == 1
     assert f"{T1_V4}:4001" in {t["address"] for t in txs}
 
-    stats = json.loads(run(relay.pin_dir, "stats", "--json").stdout)
+    stats = json.loads(run(relay.pin_dir, "stats", "--json").stdout)["xdp"]
     assert stats["forwarded"]["to_transceiver_packets"] == 1
     assert stats["forwarded"]["to_transceiver_bytes"] == session["bytes_to_transceiver"]
     assert stats["sessions"]["created"] == 1
@@ -322,7 +325,9 @@ def test_sessions_flush_asks_first(relay: XdpHarness) -> None:
 def test_stats_json_groups_every_counter(relay: XdpHarness) -> None:
     res = invoke(relay.pin_dir, "stats", "--json")
     assert res.exit_code == 0
-    groups = json.loads(res.stdout)
+    report = json.loads(res.stdout)
+    assert report == {"xdp": report["xdp"], "userspace": None, "daemon": None}
+    groups = report["xdp"]
     assert list(groups) == ["forwarded", "sessions", "drops", "passes"]
     snapshot = relay.maps.counters_snapshot()
     assert sum(len(g) for g in groups.values()) == len(snapshot)
@@ -330,6 +335,116 @@ def test_stats_json_groups_every_counter(relay: XdpHarness) -> None:
 
     text = invoke(relay.pin_dir, "stats").stdout
     assert "drops (total 0)" in text and "stun_malformed" in text
+    assert text.startswith("no daemon state recorded (relayctl run): kernel counters only")
+
+
+USERSPACE_COUNTERS = {
+    "fwd_to_transceiver_packets": 12,
+    "fwd_to_transceiver_bytes": 3400,
+    "fwd_to_client_packets": 9,
+    "fwd_to_client_bytes": 900,
+    "sessions_created": 2,
+    "drop_truncated": 3,
+    "drop_unknown_client": 1,
+}
+
+
+@pytest.fixture
+def userspace_daemon(relay: XdpHarness) -> Iterator[RunState]:
+    """A run state as a --no-xdp daemon records it (this process stands in for the pid)."""
+    state = RunState(
+        pid=os.getpid(),
+        pin_dir=str(relay.pin_dir),
+        fallback_reason="XDP disabled by --no-xdp",
+        userspace_counters=dict(USERSPACE_COUNTERS),
+        counters_updated=time.time(),
+    )
+    runstate.save(state)
+    yield state
+    runstate.remove(relay.pin_dir)
+
+
+def test_stats_shows_the_userspace_path_of_a_running_daemon(
+    relay: XdpHarness, userspace_daemon: RunState
+) -> None:
+    report = json.loads(run(relay.pin_dir, "stats", "--json").stdout)
+    assert report["userspace"]["forwarded"] == {
+        "to_transceiver_packets": 12,
+        "to_transceiver_bytes": 3400,
+        "to_client_packets": 9,
+        "to_client_bytes": 900,
+    }
+    assert report["userspace"]["sessions"] == {"created": 2}
+    assert report["userspace"]["drops"] == {"truncated": 3, "unknown_client": 1}
+    assert report["daemon"] == {
+        "pid": os.getpid(),
+        "state": "running",
+        "xdp_attached": False,
+        "interfaces": {},
+        "fallback_reason": "XDP disabled by --no-xdp",
+        "counters_updated": userspace_daemon.counters_updated,
+    }
+    text = run(relay.pin_dir, "stats").stdout
+    assert text.splitlines()[0] == (
+        "XDP not in use (XDP disabled by --no-xdp): the userspace path relays everything, "
+        "so the kernel counters stay at zero"
+    )
+    assert f"[userspace] counters of daemon pid {os.getpid()}" in text
+    assert "drops (total 4)" in text  # the userspace block's drops
+
+
+def test_stats_of_a_stopped_daemon_leave_out_its_old_counters(relay: XdpHarness) -> None:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    runstate.save(
+        RunState(
+            pid=gone.pid,
+            pin_dir=str(relay.pin_dir),
+            userspace_counters=dict(USERSPACE_COUNTERS),
+            counters_updated=time.time(),
+        )
+    )
+    try:
+        report = json.loads(invoke(relay.pin_dir, "stats", "--json").stdout)
+        assert report["userspace"] is None
+        assert report["daemon"]["state"] == "stale"
+        assert "is not running: kernel counters only" in invoke(relay.pin_dir, "stats").stdout
+    finally:
+        runstate.remove(relay.pin_dir)
+
+
+def test_stats_without_maps_but_with_a_running_daemon(missing_pin_dir: Path) -> None:
+    """XDP could not load (no maps pinned): the userspace counters are all there is."""
+    runstate.save(
+        RunState(
+            pid=os.getpid(),
+            pin_dir=str(missing_pin_dir),
+            fallback_reason="cannot load the XDP program: bcc is not importable",
+            userspace_counters={"fwd_to_client_packets": 4},
+            counters_updated=time.time(),
+        )
+    )
+    try:
+        res = invoke(missing_pin_dir, "stats", "--json")
+        assert res.exit_code == 0, res.stderr
+        report = json.loads(res.stdout)
+        assert report["xdp"] is None
+        assert report["userspace"]["forwarded"] == {"to_client_packets": 4}
+        text = invoke(missing_pin_dir, "stats").stdout
+        assert "[xdp] no maps pinned" in text
+    finally:
+        runstate.remove(missing_pin_dir)
+
+
+def test_stats_watch_shows_both_paths(relay: XdpHarness, userspace_daemon: RunState) -> None:
+    res = invoke(relay.pin_dir, "stats", "--watch", "--count", "2", "--interval", "0.1")
+    assert res.exit_code == 0, res.stderr
+    first, second = res.stdout.split(cu.HOME)[1:]
+    for frame in (first, second):
+        assert "XDP not in use" in frame
+        assert cu.XDP_TITLE in frame and "[userspace] counters of daemon pid" in frame
+    # one copy of the daemon's counters so far: a rate needs two
+    assert "to_client_packets" in second and "/s" in second
 
 
 def test_stats_watch_redraws_in_place(relay: XdpHarness) -> None:
@@ -599,3 +714,69 @@ def test_help_is_not_an_error() -> None:
         "run",
     ):
         assert command in res.stdout
+
+
+# ------------------------------------------------------------------ bench
+
+
+def _long_options(help_text: str) -> set[str]:
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", help_text)) - {"--help"}
+
+
+def test_bench_has_the_options_of_make_bench() -> None:
+    ours = run(None, "bench", "--help")
+    assert ours.returncode == 0, ours.stderr
+    theirs = subprocess.run(
+        [sys.executable, "-m", "ctl.bench", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert theirs.returncode == 0, theirs.stderr
+    assert _long_options(ours.stdout) == _long_options(theirs.stdout)
+    assert "bench" in run(None, "--help").stdout
+
+
+def test_bench_runs_the_benchmark_with_its_options(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Everything but the measurement (bench.run) is real: options, report, file, stdout."""
+    from ctl import bench
+
+    seen: list[bench.Options] = []
+    result = bench.PathResult("relay-native", "native", 230)
+    meta = {"kernel": "test"}
+
+    def fake_run(opts: bench.Options) -> tuple[list[bench.PathResult], dict[str, Any]]:
+        seen.append(opts)
+        return [result], meta
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    monkeypatch.setattr(bench, "_terminate_on_sigterm", lambda: None)  # not in pytest
+    out = tmp_path / "bench.json"
+    argv = [
+        "--duration", "0.5", "--warmup", "0", "--size", "200", "--repeat", "2",
+        "--paths", "relay-native, ceiling", "--json", "--output", str(out),
+    ]  # fmt: skip
+    res = _runner().invoke(cli.relayctl, ["bench", *argv])
+    assert res.exit_code == 0, res.stderr
+    assert seen == [bench.parse_args(argv)]  # the same Options as python -m ctl.bench
+    expected = bench.report_json([result], meta)
+    assert json.loads(res.stdout) == expected
+    assert json.loads(out.read_text()) == expected
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("--paths", "relay-dpdk"), "unknown path(s) relay-dpdk"),
+        (("--size", "11"), "'--size'"),
+        (("--repeat", "0"), "'--repeat'"),
+        (("--duration", "0"), "'--duration'"),
+    ],
+)
+def test_bench_option_errors_are_one_line(args: tuple[str, ...], fragment: str) -> None:
+    res = _runner().invoke(cli.relayctl, ["bench", *args])
+    assert res.exit_code == 2
+    assert_one_line_error(res.stderr, fragment)

@@ -28,7 +28,13 @@ from ctl.layout import Origin, TransceiverState
 from ctl.maps import RelayAddresses, SessionEntry, monotonic_ns
 from ctl.netns import in_netns
 from ctl.store import MemoryState
-from ctl.userspace import COUNTER_NAMES, RelayError, UserspaceRelay, _bind_message
+from ctl.userspace import (
+    COUNTER_NAMES,
+    RelayError,
+    UserspaceRelay,
+    _bind_message,
+    bind_sockets,
+)
 
 NS = f"srt-us-{os.getpid()}"
 PUBLIC_PORT, TUNNEL_PORT = 3478, 3479
@@ -811,6 +817,36 @@ def test_address_not_local_is_a_clear_error(netns: str) -> None:
         relay = UserspaceRelay(SPECIFIC, MemoryState(4))  # the public socket was released
         await relay.start()
         await relay.close()
+
+    run(netns, scenario)
+
+
+def test_sockets_bound_ahead_are_the_ones_it_relays_on(netns: str) -> None:
+    """The daemon binds first (to fail before touching anything) and starts later."""
+
+    async def scenario() -> None:
+        bound = bind_sockets(SPECIFIC)
+        ports = sorted(s.getsockname()[:2] for s in bound.all())
+        with pytest.raises(RelayError, match="already in use"):  # they are held
+            bind_sockets(SPECIFIC)
+        state = MemoryState(16)
+        state.put_transceiver(TID_T1, T1, T1_PORT)
+        relay = UserspaceRelay(SPECIFIC, state, sockets=bound)
+        t1, client = Peer(T1, T1_PORT), Peer(C4, 40000)
+        try:
+            await relay.start()
+            assert sorted(s.getsockname()[:2] for s in relay._sockets) == ports
+            client.send(stun(TID_T1), R4, PUBLIC_PORT)
+            data, _ = await t1.recv()
+            assert data == header(C4, 40000) + stun(TID_T1)
+        finally:
+            await relay.close()
+            t1.close()
+            client.close()
+        assert all(s.fileno() == -1 for s in bound.all())  # the relay closed them
+        unused = bind_sockets(SPECIFIC)  # never started: close() still releases them
+        await UserspaceRelay(SPECIFIC, MemoryState(4), sockets=unused).close()
+        bind_sockets(SPECIFIC).close()
 
     run(netns, scenario)
 
