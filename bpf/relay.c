@@ -257,15 +257,22 @@ static __always_inline int parse(struct xdp_md *ctx, struct packet *pk)
     return -1;
 }
 
+/* Is addr:port (addr in the 16-byte form, v4 mapped) one of this relay's public endpoints? */
+static __always_inline int is_public(const struct relay_config *cfg, int v6, const __u8 *addr,
+                                     __be16 port)
+{
+    if (port != cfg->public_port)
+        return 0;
+    if (v6)
+        return (cfg->flags & CFG_PUBLIC_V6) &&
+               ((cfg->flags & CFG_PUBLIC_V6_ANY) || addr_eq(addr, cfg->public_v6));
+    return (cfg->flags & CFG_PUBLIC_V4) &&
+           ((cfg->flags & CFG_PUBLIC_V4_ANY) || addr4_eq(addr, cfg->public_v4));
+}
+
 static __always_inline int is_public_dst(const struct relay_config *cfg, const struct packet *pk)
 {
-    if (pk->dport != cfg->public_port)
-        return 0;
-    if (pk->v6)
-        return (cfg->flags & CFG_PUBLIC_V6) &&
-               ((cfg->flags & CFG_PUBLIC_V6_ANY) || addr_eq(pk->daddr, cfg->public_v6));
-    return (cfg->flags & CFG_PUBLIC_V4) &&
-           ((cfg->flags & CFG_PUBLIC_V4_ANY) || addr4_eq(pk->daddr, cfg->public_v4));
+    return is_public(cfg, pk->v6, pk->daddr, pk->dport);
 }
 
 static __always_inline int is_tunnel_dst(const struct relay_config *cfg, const struct packet *pk)
@@ -689,6 +696,11 @@ static __always_inline int from_tunnel(struct xdp_md *ctx, struct scratch *s,
         return verdict(CTR_drop_reply_not_owner, XDP_DROP);
     if (*(__be16 *)(tun + 6) != sess->relay_port)
         return verdict(CTR_drop_reply_port_mismatch, XDP_DROP);
+    /* A session put in by hand or recovered from another relay's record may name a
+     * relay address this host does not serve: never send from it (that would spoof
+     * another host). Userspace applies the same rule and counts the drop. */
+    if (!is_public(cfg, !is_v4_mapped(sess->relay_addr), sess->relay_addr, sess->relay_port))
+        return verdict(CTR_pass_foreign_relay, XDP_PASS);
 
     v6 = !is_v4_mapped(key.addr);
     payload_len = pk->payload_len - TUNNEL_HDR_LEN;

@@ -140,7 +140,8 @@ struct session_event {
     X(pass_no_checksum)                 \
     X(pass_fib_no_neigh)                \
     X(pass_fib_frag_needed)             \
-    X(pass_fib_failed)
+    X(pass_fib_failed)                  \
+    X(pass_foreign_relay)
 
 #define SPLITRELAY_COUNTER_ENUM(name) CTR_##name,
 enum splitrelay_counter { SPLITRELAY_COUNTERS(SPLITRELAY_COUNTER_ENUM) CTR_MAX };

@@ -503,6 +503,22 @@ CASES = [
         ingress=DC_IF,
         setup=est(),
     ),
+    Case(
+        "reply-for-session-on-a-foreign-relay-address",
+        tunnel_frame(REPLY),
+        PASS,
+        {"pass_foreign_relay": 1},
+        ingress=DC_IF,
+        prepare=lambda h: h.maps.put_session(CLIENT_V4, 50000, TID_T1, "198.51.100.99", 3478),
+    ),
+    Case(
+        "reply-for-session-on-a-foreign-relay-port",
+        tunnel_frame(REPLY, relay_port=3470),
+        PASS,
+        {"pass_foreign_relay": 1},
+        ingress=DC_IF,
+        prepare=lambda h: h.maps.put_session(CLIENT_V4, 50000, TID_T1, RELAY_V4, 3470),
+    ),
     # --- more ways to forward
     Case(
         "stun-non-binding-known-client",
