@@ -6,9 +6,12 @@ Four jobs, none of them on the packet path:
 - write every session the relay learns to Redis, batched and pipelined;
 - refresh the TTL of active sessions, so idle ones lapse by themselves;
 - recover sessions the relay does not know from Redis, and load this relay's
-  sessions at start.
+  sessions the first time Redis is reachable (at start, or later if it was
+  down then), writing back the map's sessions Redis lacks.
 Redis being down never removes anything from the data plane: the loops back
-off, count failures, and write the live sessions back when Redis returns.
+off, count failures, and write the live sessions back when Redis returns. A
+Redis that returns (maybe empty) does not remove anything either until the
+workers' heartbeats had one TTL to register again (the grace, below).
 """
 
 from __future__ import annotations
@@ -25,7 +28,13 @@ from redis.exceptions import RedisError
 
 from ctl.layout import Origin, TransceiverState
 from ctl.maps import IPAddress, SessionEntry, monotonic_ns
-from ctl.redisstate import RedisState, SessionRecord, TransceiverRecord, endpoint
+from ctl.redisstate import (
+    HEARTBEAT_TTL,
+    RedisState,
+    SessionRecord,
+    TransceiverRecord,
+    endpoint,
+)
 from ctl.store import RelayState
 
 log = logging.getLogger("splitrelay.redis")
@@ -67,12 +76,14 @@ class RedisSync:
         relay_id: str,
         session_ttl: int,
         static_transceivers: Iterable[int] = (),
+        grace: float = HEARTBEAT_TTL,
     ) -> None:
         self.redis = redis
         self.state = state
         self.relay_id = relay_id
         self.ttl = max(1, int(session_ttl))
         self.static = set(static_transceivers)
+        self.grace = grace
         self.stats = SyncStats()
         self._queue: collections.deque[SessionRecord] = collections.deque()
         self._misses: collections.OrderedDict[str, float] = collections.OrderedDict()
@@ -81,15 +92,21 @@ class RedisSync:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._down_logged = False
+        self._synced = False  # the first contact's load and write-back are done
+        # Transceivers in the map when Redis came back (or was first reached):
+        # not removed before _grace_until unless the registry says so
+        # explicitly (a tombstone), since their heartbeats may not have
+        # re-registered in a Redis that restarted empty.
+        self._protected: set[int] = set()
+        self._grace_until = 0.0
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        """Load this relay's sessions, then run the loops (Redis down is fine)."""
-        with contextlib.suppress(RedisError, OSError):
+        """Sync with Redis if it is up (else on first contact), then run the loops."""
+        try:
             await self._check_health()
-            if self.stats.up:
-                await self.reconcile()
-                await self.load_sessions()
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
         for loop in (
             self._registry_loop,
             self._pubsub_loop,
@@ -122,17 +139,50 @@ class RedisSync:
         self.stats.up = False
 
     async def _check_health(self) -> None:
+        """Note Redis is up; on first contact, a reconnect or a restart, sync with it.
+
+        First contact (at start, or later if Redis was down then): mirror the
+        registry, write back the map's sessions Redis lacks (the kernel may have
+        created sessions while no daemon read its event ring, which is not
+        pinned), and load this relay's sessions. Later reconnects and restarts
+        write every live session back. All of them start the grace.
+        """
         run_id = await self.redis.run_id()
-        was_up = self.stats.up
+        restarted = self._run_id is not None and run_id != self._run_id
+        if restarted or not self.stats.up:
+            self._begin_grace()
         self.stats.up = True
-        if self._run_id is not None and run_id != self._run_id:
+        if not self._synced:
+            await self.reconcile()
+            await self.write_missing()
+            await self.load_sessions()
+            self._synced = True
+        elif restarted:
             log.warning("Redis restarted (run id changed): writing live sessions back")
             await self.write_back()
-        elif not was_up and self._down_logged:
+        elif self._down_logged:
             log.warning("Redis reachable again: writing live sessions back")
             await self.write_back()
         self._down_logged = False
         self._run_id = run_id
+
+    def _begin_grace(self) -> None:
+        """Hold back removals of the map's registry transceivers for one heartbeat TTL."""
+        now = time.monotonic()
+        if not self._grace_active(now):
+            self._protected = set()
+        fresh = {t.tid for t in self.state.list_transceivers()} - self.static
+        if fresh - self._protected:
+            log.info(
+                "keeping %d transceivers for %g s while their heartbeats re-register",
+                len(fresh),
+                self.grace,
+            )
+        self._protected |= fresh
+        self._grace_until = now + self.grace
+
+    def _grace_active(self, now: float) -> bool:
+        return bool(self._protected) and now < self._grace_until
 
     async def _health_loop(self) -> None:
         delay = BACKOFF_MIN
@@ -147,8 +197,16 @@ class RedisSync:
 
     # ------------------------------------------------------------ registry
     async def reconcile(self) -> None:
-        """Make the data plane's transceivers equal to the registry (plus static ones)."""
-        records = {rec.tid: rec for rec in await self.redis.list_transceivers()}
+        """Make the data plane's transceivers equal to the registry (plus static ones).
+
+        Before removing anything it makes sure Redis did not restart behind
+        its back (the client reconnects by itself, so the health loop may not
+        have noticed yet): an empty registry after a restart is not a fleet
+        that left. During the grace a missing transceiver stays unless the
+        registry holds its tombstone (an operator's rm).
+        """
+        found, tombstones = await self.redis.read_registry()
+        records = {rec.tid: rec for rec in found}
         current = {t.tid: t for t in self.state.list_transceivers()}
         for tid, rec in records.items():
             have = current.get(tid)
@@ -158,7 +216,18 @@ class RedisSync:
                 rec.state,
             ):
                 self.state.put_transceiver(tid, rec.addr, rec.port, rec.state)
-        for tid in set(current) - set(records) - self.static:
+        self._protected -= set(records)  # registered again: later removals are real
+        gone = set(current) - set(records) - self.static
+        if (
+            gone
+            and not self._grace_active(time.monotonic())
+            and self._run_id is not None
+            and await self.redis.run_id() != self._run_id
+        ):
+            self._begin_grace()  # the health loop writes the sessions back
+        if gone and self._grace_active(time.monotonic()):
+            gone -= self._protected - tombstones
+        for tid in gone:
             self._remove_transceiver(tid)
 
     def _remove_transceiver(self, tid: int) -> None:
@@ -183,16 +252,28 @@ class RedisSync:
                 self._failed(exc)
 
     async def _pubsub_loop(self) -> None:
-        """Wake the reconcile at once when a writer announces a change."""
+        """Wake the reconcile at once when a writer announces a change.
+
+        A lost subscription is a Redis failure like any other: counted, and
+        retried with the same backoff (0.5 s doubling to 10 s, reset once
+        subscribed), so a long outage costs a few attempts, not two a second.
+        """
+        delay = BACKOFF_MIN
         while True:
+            pubsub = self.redis.r.pubsub()
             try:
-                pubsub = self.redis.r.pubsub()
                 await pubsub.subscribe(self.redis.k_events)
+                delay = BACKOFF_MIN
                 async for message in pubsub.listen():
                     if message.get("type") == "message":
                         self._wake.set()
-            except (RedisError, OSError):
-                await asyncio.sleep(BACKOFF_MIN)
+            except (RedisError, OSError) as exc:
+                self._failed(exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX)
 
     # ------------------------------------------------------------ sessions out
     def on_session(self, entry: SessionEntry, _kind: str = "created") -> None:
@@ -250,6 +331,23 @@ class RedisSync:
         await self._flush()
         return n
 
+    async def write_missing(self) -> int:
+        """Write the map's sessions that Redis lacks (at first contact).
+
+        A pinned map outlives the daemon, but its event ring does not: sessions
+        the kernel created while no daemon read it (a controller restart, or a
+        start while Redis was down) reached Redis by no other way. Sessions
+        Redis has are left alone: another relay may have written them since.
+        """
+        entries = {endpoint(e.client_addr, e.client_port): e for e in self.state.iter_sessions()}
+        missing = await self.redis.missing_sessions(entries)
+        for client in missing:
+            self.on_session(entries[client])
+        await self._flush()
+        if missing:
+            log.info("wrote %d sessions of the map that Redis lacked", len(missing))
+        return len(missing)
+
     async def _refresh_loop(self) -> None:
         while True:
             await asyncio.sleep(max(0.2, self.ttl / 3))
@@ -261,16 +359,22 @@ class RedisSync:
                 self._failed(exc)
 
     async def refresh_active(self) -> int:
-        """Refresh TTL and last_seen of sessions that saw packets since the last refresh."""
-        items, seen = [], {}
+        """Refresh TTL and last_seen of sessions that saw packets since the last refresh.
+
+        An active session whose key is gone (Redis restarted empty, or lost the
+        write) is written whole again: a refresh never creates a partial key.
+        """
+        items, seen, active = [], {}, {}
         for entry in self.state.iter_sessions():
             key = (str(entry.client_addr), entry.client_port)
             seen[key] = entry.last_seen_ns
             if self._refreshed.get(key) != entry.last_seen_ns:
                 client = endpoint(entry.client_addr, entry.client_port)
+                active[client] = entry
                 items.append((self.relay_id, client, unix_time_of(entry.last_seen_ns)))
         if items:
-            await self.redis.touch_sessions(items, self.ttl)
+            for client in await self.redis.touch_sessions(items, self.ttl):
+                self.on_session(active[client])
         self._refreshed = seen
         return len(items)
 

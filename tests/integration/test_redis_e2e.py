@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +24,7 @@ from ctl import wire
 from ctl.redisstate import RedisState, connect, endpoint
 from ctl.testbed import Testbed
 from tests.redis_server import RedisServer
+from transceiver.registry import Registration
 
 from .relay_process import (
     PUBLIC_PORT,
@@ -47,11 +50,67 @@ def redis_server(testbed: Testbed) -> Iterator[RedisServer]:
         server.close()
 
 
-def new_relay(testbed: Testbed, server: RedisServer, *extra: str) -> RelayProcess:
+class RegistryRelay(RelayProcess):
+    """A relay with no static `--transceiver`: it knows transceivers from Redis only."""
+
+    def argv(self, extra: Sequence[str] = ()) -> list[str]:
+        argv = super().argv(extra)
+        while "--transceiver" in argv:
+            at = argv.index("--transceiver")
+            del argv[at : at + 2]
+        return argv
+
+
+def new_relay(
+    testbed: Testbed, server: RedisServer, *extra: str, static: bool = True
+) -> RelayProcess:
     pin_dir = Path(tempfile.mkdtemp(prefix="splitrelay-redis-", dir="/sys/fs/bpf"))
     pin_dir.rmdir()
-    relay = RelayProcess(testbed, "native", pin_dir)
+    relay = (RelayProcess if static else RegistryRelay)(testbed, "native", pin_dir)
     return relay.start(["--redis-url", server.url, "--idle-timeout", "3", *extra])
+
+
+class Worker:
+    """A transceiver worker's real heartbeat (transceiver/registry.py), on a thread's loop.
+
+    The test's socket in the tx1 namespace plays the worker's data path; this
+    keeps its record in the registry the way `transceiver run` does (3 s beat,
+    10 s TTL). `pause()` while Redis is down stops the beats without a trace in
+    Redis, so the test decides when the next beat comes.
+    """
+
+    def __init__(self, server: RedisServer, tid: int, addr: tuple[str, int]) -> None:
+        self.url, self.tid, self.addr = f"unix://{server.socket_path}", tid, addr
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._registration: Registration | None = None
+
+    def _call(self, coro: Coroutine[Any, Any, None]) -> None:
+        asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    def resume(self) -> None:
+        """Register (now) and beat."""
+        self._registration = Registration(self.url, self.tid, *self.addr)
+        self._call(self._registration.start())
+
+    def pause(self) -> None:
+        """Stop beating (and leave the registry, if Redis is up to hear it)."""
+        if self._registration is not None:
+            self._call(self._registration.stop())
+            self._registration = None
+
+    def __enter__(self) -> Worker:
+        self._thread.start()
+        self.resume()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        try:
+            self.pause()
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
 
 
 def redis_get_session(server: RedisServer, client: tuple[str, int]) -> dict[str, str]:
@@ -180,15 +239,103 @@ def test_idle_sessions_lapse_active_ones_stay(
                 3,
                 "session not in Redis",
             )
-        deadline = time.monotonic() + 8
-        while time.monotonic() < deadline:
+        # keep one busy until the other's key lapses (TTL 6 s; deadline generous),
+        # checking at every step that the busy one never does
+        deadline = time.monotonic() + 30
+        while redis_get_session(redis_server, header_client(idle_header)):
+            assert time.monotonic() < deadline, "the idle session's key lingers"
             roundtrip(client, tx, active_header, b"keepalive")
+            assert redis_get_session(redis_server, header_client(active_header)), "active lapsed"
             time.sleep(0.25)
-        assert not redis_get_session(redis_server, header_client(idle_header)), "idle lingers"
-        assert redis_get_session(redis_server, header_client(active_header)), "active lapsed"
-        ports = {s["client_port"] for s in relay.cli_json("sessions", "ls")}
-        assert active_header.client_port in ports
-        assert idle_header.client_port not in ports
+        for _ in range(8):  # and well past the idle one's TTL
+            roundtrip(client, tx, active_header, b"keepalive")
+            assert redis_get_session(redis_server, header_client(active_header)), "active lapsed"
+            time.sleep(0.25)
+
+        def ports() -> set[int]:
+            return {s["client_port"] for s in relay.cli_json("sessions", "ls")}  # type: ignore[attr-defined]
+
+        wait_until(lambda: idle_header.client_port not in ports(), 10, "the idle map entry")
+        assert active_header.client_port in ports()
     finally:
         idle.close()
         relay.cleanup()
+
+
+def test_empty_redis_restart_keeps_heartbeat_transceivers_forwarding(
+    testbed: Testbed, redis_server: RedisServer, sockets: tuple[socket.socket, socket.socket]
+) -> None:
+    """Redis restarts empty under a relay that knows its transceiver from heartbeats only.
+
+    Until the worker's next beat registers it again the registry is empty; the
+    relay must not take that for the worker leaving. The beat is held back
+    until the relay has surely reconciled against the empty registry (its
+    session is back in Redis, then two more seconds of traffic): every packet
+    keeps arriving, and the map keeps the transceiver and the very session it
+    had (not one recovered from Redis afterwards).
+    """
+    client, tx = sockets
+    tid = f"{TID_TX1:08x}"
+    with Worker(redis_server, TID_TX1, TX1) as worker:
+        relay = new_relay(testbed, redis_server, static=False)
+        try:
+            wait_until(
+                lambda: [t["id"] for t in transceivers(relay)] == [tid],
+                5,
+                "the relay to mirror the heartbeat's transceiver",
+            )
+            header = call(client, tx)
+            roundtrip(client, tx, header, b"before")
+            key = header_client(header)
+            wait_until(lambda: redis_get_session(redis_server, key), 3, "session not in Redis")
+            before = session_of(relay, key)
+
+            redis_server.stop()
+            worker.pause()  # Redis is down: the beats stop without a trace
+            redis_server.start()  # empty, no persistence
+            deadline = time.monotonic() + 30
+            n = 0
+            while not redis_get_session(redis_server, key):  # the relay wrote it back
+                assert time.monotonic() < deadline, "the session did not return to Redis"
+                roundtrip(client, tx, header, n.to_bytes(2, "big"))  # every packet arrives
+                n += 1
+                time.sleep(0.1)
+            assert not registered(redis_server), "nothing registers the transceiver yet"
+            for i in range(20):  # 2 s: several reconciles against the empty registry
+                roundtrip(client, tx, header, b"empty" + bytes([i]))
+                time.sleep(0.1)
+            assert [t["id"] for t in transceivers(relay)] == [tid]
+
+            worker.resume()  # the next beat registers it again
+            wait_until(lambda: registered(redis_server), 10, "the worker to register again")
+            for i in range(10):
+                roundtrip(client, tx, header, b"after" + bytes([i]))
+                time.sleep(0.1)
+            assert [t["id"] for t in transceivers(relay)] == [tid]
+            after = session_of(relay, key)
+            same = ("client", "origin", "created_ns")
+            assert {k: after[k] for k in same} == {k: before[k] for k in same}
+        finally:
+            relay.cleanup()
+
+
+def session_of(relay: RelayProcess, client: tuple[str, int]) -> dict[str, Any]:
+    """The relay's map entry for `client` (other tests' sessions may be loaded too)."""
+    sessions: list[dict[str, Any]] = relay.cli_json("sessions", "ls")  # type: ignore[assignment]
+    (entry,) = [s for s in sessions if s["client"] == endpoint(*client)]
+    return entry
+
+
+def transceivers(relay: RelayProcess) -> list[dict[str, str]]:
+    return relay.cli_json("transceivers", "ls")  # type: ignore[return-value]
+
+
+def registered(server: RedisServer) -> bool:
+    async def get() -> bool:
+        state = RedisState(connect(f"unix://{server.socket_path}"))
+        try:
+            return bool(await state.list_transceivers())
+        finally:
+            await state.r.aclose()
+
+    return asyncio.run(get())

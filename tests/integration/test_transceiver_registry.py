@@ -39,6 +39,7 @@ from tests.redis_server import RedisServer
 from transceiver.cli import ERROR_PREFIX, transceiver
 
 TRANSCEIVER = str(Path(sys.executable).with_name("transceiver"))
+RELAYCTL = str(Path(sys.executable).with_name("relayctl"))
 PREFIX = "srtest:"
 BASE_TID = 0xB001
 TIDS = ("0000b001", "0000b002")
@@ -420,6 +421,65 @@ def test_redis_down_never_stops_the_transceiver(setup: Setup, fronts: Callable[.
         front.proc.send_signal(signal.SIGTERM)
         assert front.proc.wait(30) == 0
         assert records(r) == {tid: {} for tid in TIDS}
+    finally:
+        r.close()
+
+
+def relayctl(setup: Setup, *args: str) -> subprocess.CompletedProcess[str]:
+    """`relayctl transceivers --redis-url URL --redis-prefix P ...`: the operator's path."""
+    argv = [RELAYCTL, "transceivers", "--redis-url", setup.url, "--redis-prefix", PREFIX, *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30)
+
+
+def beats_later(r: redis.Redis, tid: str, beats: int, log: Path) -> dict[str, str]:
+    """The record once its worker has refreshed it `beats` more times (by `updated`)."""
+    since = float(records(r)[tid]["updated"])
+    interval = TTL / 3
+
+    def refreshed() -> dict[str, str] | None:
+        rec = records(r)[tid]
+        return rec if rec and float(rec["updated"]) >= since + beats * interval else None
+
+    found: dict[str, str] = wait_until(refreshed, 10 * TTL, f"{beats} beats of {tid}", log)
+    return found
+
+
+def test_an_operator_drain_and_rm_stick_on_live_workers(
+    setup: Setup, fronts: Callable[..., Front]
+) -> None:
+    """The heartbeat keeps what an operator set: a drain stays, an rm stays removed.
+
+    Before, every beat rewrote the whole record, so a drain went back to
+    active and a removed worker reappeared within a beat.
+    """
+    setup.server.start()
+    r = setup.client()
+    try:
+        front = fronts(setup)
+        front.wait_ready()
+        wait_until(lambda: all_registered(r), 10, "both workers to register", front.log)
+        drained, removed = TIDS
+
+        res = relayctl(setup, "drain", drained)
+        assert res.returncode == 0, res.stderr
+        res = relayctl(setup, "rm", removed)
+        assert res.returncode == 0, res.stderr
+        for tid in TIDS:
+            rec = beats_later(r, tid, 3, front.log)
+            assert rec["status"] == ("draining" if tid == drained else "removed"), rec
+            assert 0 < r.ttl(f"{PREFIX}transceiver:{tid}") <= TTL, "the beat keeps it alive"
+        listed = json.loads(relayctl(setup, "ls", "--json").stdout)
+        assert [(t["id"], t["state"]) for t in listed] == [(drained, "draining")]
+        # neither can be drained again nor removed twice: it is gone for operators
+        assert relayctl(setup, "drain", removed).returncode != 0
+        assert relayctl(setup, "rm", removed).returncode != 0
+
+        # SIGTERM: the draining worker's record is deleted; the tombstone is
+        # not (a restarted worker must stay removed) and lapses by its TTL
+        front.proc.send_signal(signal.SIGTERM)
+        assert front.proc.wait(30) == 0, front.log.read_text()[-3000:]
+        assert records(r)[drained] == {}
+        wait_until(lambda: not records(r)[removed], 5 * TTL, "the tombstone to lapse")
     finally:
         r.close()
 
