@@ -46,6 +46,7 @@ QUEUE_LIMIT = 65536
 MISS_CACHE_SECONDS = 1.0
 MISS_CACHE_SIZE = 65536
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 10.0
+PUBSUB_CLOSE_TIMEOUT = 1.0  # seconds a subscription may take to close
 
 
 def unix_time_of(mono_ns: int) -> float:
@@ -270,8 +271,11 @@ class RedisSync:
             except (RedisError, OSError) as exc:
                 self._failed(exc)
             finally:
+                # Bounded: closing a subscription whose read was just cancelled can
+                # wait for the connection's lock until a socket timeout (a minute),
+                # which would hold up the daemon's shutdown.
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    await asyncio.wait_for(pubsub.aclose(), PUBSUB_CLOSE_TIMEOUT)
             await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX)
 

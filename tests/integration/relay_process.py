@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -119,6 +119,23 @@ class RelayProcess:
             for sample in family.samples:
                 out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
         return out
+
+
+def scrape_until(
+    relay: RelayProcess, done: Callable[[dict], bool], timeout: float = 3.0
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Scrape until `done(samples)` or the deadline; the last samples either way.
+
+    The userspace path counts a packet right after its send returns, so a
+    scrape triggered by the packet's arrival may beat the increment by a
+    moment: tests wait for the count, then assert it exactly.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = relay.scrape()
+        if done(samples) or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.05)
 
 
 def metric_sum(samples: dict, name: str, **labels: str) -> float:

@@ -40,6 +40,7 @@ from .relay_process import (
     RelayProcess,
     metric_sum,
     quiet,
+    scrape_until,
     stun,
     udp,
 )
@@ -94,6 +95,10 @@ def relays(testbed: Testbed, pin_dir: Path) -> Iterator[Callable[[str], RelayPro
     yield make
     for relay in made:
         relay.cleanup()
+
+
+def userspace_packets(samples: dict) -> float:
+    return metric_sum(samples, "splitrelay_relay_packets_total", path="userspace")
 
 
 def base_args(pin_dir: Path, *extra: str, public: str = PUBLIC_V4) -> list[str]:
@@ -334,10 +339,10 @@ def test_falls_back_to_userspace_when_bcc_cannot_be_imported(
     header = establish(client, tx1)  # the userspace path, on its in-memory table
     tx1.sendto(wire.encap(header, b"back"), (TUNNEL_V4, 3479))
     assert client.recvfrom(4096)[0] == b"back"
-    samples = relay.scrape()
+    samples = scrape_until(relay, lambda s: userspace_packets(s) >= 2)
     assert metric_sum(samples, "splitrelay_relay_xdp_attached") == 0
     assert metric_sum(samples, "splitrelay_relay_packets_total", path="xdp") == 0
-    assert metric_sum(samples, "splitrelay_relay_packets_total", path="userspace") == 2
+    assert userspace_packets(samples) == 2
     deadline = time.monotonic() + 5
     while True:  # no pinned maps: stats shows the userspace counters alone
         stats = relay.cli_json("stats")
@@ -363,8 +368,8 @@ def test_falls_back_when_an_interface_cannot_take_native_xdp(
     assert live_modes(testbed, "pub0", "dc0", "lo") == {"pub0": None, "dc0": None, "lo": None}
     assert "detached the XDP program on pub0" in relay.log()
     establish(client, tx1)
-    samples = relay.scrape()
-    assert metric_sum(samples, "splitrelay_relay_packets_total", path="userspace") == 1
+    samples = scrape_until(relay, lambda s: userspace_packets(s) >= 1)
+    assert userspace_packets(samples) == 1
 
 
 def test_a_restart_that_cannot_load_detaches_the_stale_program(

@@ -45,6 +45,7 @@ from .relay_process import (
     RelayProcess,
     metric_sum,
     quiet,
+    scrape_until,
     stun,
     udp,
 )
@@ -144,7 +145,8 @@ def test_userspace_session_goes_to_the_fast_path(
     packets = "splitrelay_relay_packets_total"
     before = relay.scrape()
     establish(client, tx1)  # no neighbour: XDP passes it up, userspace forwards
-    mid = relay.scrape()
+    want = metric_sum(before, created, path="userspace") + 1
+    mid = scrape_until(relay, lambda s: metric_sum(s, created, path="userspace") >= want)
     assert metric_sum(mid, created, path="userspace") == (
         metric_sum(before, created, path="userspace") + 1
     )
