@@ -47,6 +47,7 @@ MISS_CACHE_SECONDS = 1.0
 MISS_CACHE_SIZE = 65536
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 10.0
 PUBSUB_CLOSE_TIMEOUT = 1.0  # seconds a subscription may take to close
+CANCEL_WAIT, CANCEL_RETRIES = 0.5, 10  # stop(): how long, how often to wait for a task
 
 
 def unix_time_of(mono_ns: int) -> float:
@@ -65,6 +66,22 @@ class SyncStats:
     sessions_loaded: int = 0
     writes_dropped: int = 0
     transceivers_removed: int = 0
+
+
+async def _finish_cancelled(task: asyncio.Task[None]) -> None:
+    """Wait for a cancelled task to end, cancelling it again if it swallowed the first.
+
+    redis-py can lose a cancellation that lands inside one of its internal
+    timeouts (a pub/sub read, for one); the task then waits for its next
+    message, which could be never. Each retry is bounded, so stop() is too.
+    """
+    for _ in range(CANCEL_RETRIES):
+        done, _pending = await asyncio.wait({task}, timeout=CANCEL_WAIT)
+        if done:
+            break
+        task.cancel()
+    if task.done() and not task.cancelled() and task.exception() is not None:
+        log.debug("a Redis sync task failed on its way out", exc_info=task.exception())
 
 
 class RedisSync:
@@ -121,8 +138,7 @@ class RedisSync:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await _finish_cancelled(task)
         with contextlib.suppress(RedisError, OSError):
             await self._flush()
         with contextlib.suppress(Exception):

@@ -186,7 +186,8 @@ def test_restarted_relay_loads_its_sessions(redis_server: RedisServer, kstate: K
             written = await r.get_session(endpoint(CLIENT, 2))
             assert written is not None and (written.tid, written.relay) == (0xA1, "relay-a")
         finally:
-            await sync.stop()
+            # Bounded: a cancellation redis-py swallowed once held stop() for a minute.
+            await asyncio.wait_for(sync.stop(), 10)
             await r.r.aclose()
 
     run(scenario)
