@@ -2,6 +2,8 @@
 # Every target bootstraps what it needs (idempotent, fast the second time).
 # Works as root directly or through sudo.
 
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -19,8 +21,13 @@ lint: bootstrap
 test: bootstrap lint
 	$(SUDO) $(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Three benchmarks, each measuring its alternatives side by side in one run (about 20
+# minutes in all); JSON reports in bench-results/. BENCH_ARGS goes to the data-plane one.
 bench: bootstrap
-	$(SUDO) $(PY) -m ctl.bench
+	mkdir -p bench-results
+	$(SUDO) $(VENV)/bin/relayctl bench --output bench-results/xdp.json $(BENCH_ARGS)
+	$(SUDO) $(PY) -m ctl.bench_redis --sessions 100000 --json | tee bench-results/redis.json
+	$(SUDO) $(PY) -m transceiver.bench --out bench-results/transceiver.json
 
 demo: bootstrap
 	$(SUDO) $(VENV)/bin/relayctl demo
