@@ -53,9 +53,11 @@ from transceiver.markers import (
     DEFAULT_FREQUENCIES,
     DEFAULT_PERIOD,
     SAMPLE_RATE,
+    ArrivalClock,
     MarkerDetector,
     MarkerSource,
     RoundTrips,
+    channel0,
     percentile,
 )
 
@@ -240,8 +242,7 @@ async def _listen(track: Any, trips: RoundTrips, call: Call) -> None:
 
     loop = asyncio.get_running_loop()
     detector: FastDetector | None = None
-    starts: list[int] = []
-    times: list[float] = []
+    clock = ArrivalClock()
     while True:
         try:
             frame = await track.recv()
@@ -250,31 +251,15 @@ async def _listen(track: Any, trips: RoundTrips, call: Call) -> None:
         arrived = loop.time()
         if detector is None:
             detector = FastDetector(sample_rate=frame.sample_rate)
-        channels = len(frame.layout.channels)
-        pcm = array("h")
-        pcm.frombytes(memoryview(frame.planes[0])[: frame.samples * channels * 2])
-        mono = pcm[0::channels] if channels > 1 else pcm
-        starts.append(detector.position)
-        times.append(arrived)
-        if len(starts) > 64:
-            del starts[:32], times[:32]
+        clock.add(detector.position, arrived)
         call.frames_in += 1
-        for found in detector.feed(mono):
-            i = _last_le(starts, found.sample)
-            if i < 0:
+        for found in detector.feed(channel0(frame)):
+            when = clock.time_of(found.sample, detector.sample_rate)
+            if when is None:
                 continue
-            when = times[i] + (found.sample - starts[i]) / detector.sample_rate
             rtt = trips.on_detected(found.marker_id, when)
             if rtt is not None:
                 call.rtts.append((when, rtt))
-
-
-def _last_le(values: list[int], x: int) -> int:
-    """Index of the last value <= x (values ascending), or -1."""
-    for i in range(len(values) - 1, -1, -1):
-        if values[i] <= x:
-            return i
-    return -1
 
 
 def _decode_mono() -> None:

@@ -21,7 +21,6 @@ never raises for a failed call, so N concurrent calls report N outcomes.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import fractions
 import itertools
@@ -30,7 +29,6 @@ import logging
 import os
 import time
 from array import array
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -51,9 +49,11 @@ from transceiver.markers import (
     DEFAULT_FREQUENCIES,
     DEFAULT_PERIOD,
     SAMPLE_RATE,
+    ArrivalClock,
     MarkerDetector,
     MarkerSource,
     RoundTrips,
+    channel0,
     percentile,
 )
 
@@ -164,31 +164,12 @@ class MarkerTrack(MediaStreamTrack):
         return frame
 
 
-class _ArrivalClock:
-    """Maps a received sample index to the time its frame arrived (plus its offset)."""
-
-    def __init__(self, keep: int = 200) -> None:
-        self._starts: deque[int] = deque(maxlen=keep)
-        self._times: deque[float] = deque(maxlen=keep)
-
-    def add(self, start: int, when: float) -> None:
-        self._starts.append(start)
-        self._times.append(when)
-
-    def time_of(self, index: int, sample_rate: int) -> float | None:
-        starts = list(self._starts)
-        i = bisect.bisect_right(starts, index) - 1
-        if i < 0:
-            return None
-        return self._times[i] + (index - starts[i]) / sample_rate
-
-
 async def _listen(
     track: MediaStreamTrack, trips: RoundTrips, result: CallResult, loop: asyncio.AbstractEventLoop
 ) -> None:
     """Feed received audio (channel 0) to the marker detector, pairing what it finds."""
     detector: MarkerDetector | None = None
-    clock = _ArrivalClock()
+    clock = ArrivalClock()
     wall_offset = time.time() - loop.time()  # loop time -> unix time, for `samples`
     while True:
         try:
@@ -198,12 +179,9 @@ async def _listen(
         arrived = loop.time()
         if detector is None:
             detector = MarkerDetector(sample_rate=frame.sample_rate)
-        channels = len(frame.layout.channels)
-        pcm = array("h", bytes(frame.planes[0]))[: frame.samples * channels]
-        mono = pcm[0::channels] if channels > 1 else pcm
         clock.add(detector.position, arrived)
         result.audio_frames_in += 1
-        for found in detector.feed(mono):
+        for found in detector.feed(channel0(frame)):
             when = clock.time_of(found.sample, detector.sample_rate)
             if when is not None:
                 rtt = trips.on_detected(found.marker_id, when)

@@ -25,6 +25,7 @@ import operator
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 SAMPLE_RATE = 48000
 DEFAULT_FREQUENCIES: tuple[float, ...] = (600, 900, 1200, 1500, 1800, 2100, 2400, 2700)
@@ -328,6 +329,47 @@ class RoundTrips:
             for s, t in self.sent.items()
             if s not in self._answered and latest - t >= self.horizon
         )
+
+
+class ArrivalClock:
+    """Maps a received sample index to the time its frame arrived (plus its offset).
+
+    A detector reports a marker by sample index; the round trip needs the time
+    that sample arrived. The clock keeps the start index and arrival time of
+    the last frames (at most `keep`, trimmed by half at a time so the append is
+    cheap) and looks up from the newest end, where a just-detected marker lies.
+    """
+
+    def __init__(self, keep: int = 64) -> None:
+        self._keep = keep
+        self._starts: list[int] = []
+        self._times: list[float] = []
+
+    def add(self, start: int, when: float) -> None:
+        self._starts.append(start)
+        self._times.append(when)
+        if len(self._starts) > self._keep:
+            half = self._keep // 2
+            del self._starts[:half], self._times[:half]
+
+    def time_of(self, index: int, sample_rate: int) -> float | None:
+        starts = self._starts
+        for i in range(len(starts) - 1, -1, -1):
+            if starts[i] <= index:
+                return self._times[i] + (index - starts[i]) / sample_rate
+        return None
+
+
+def channel0(frame: Any) -> array:
+    """The first channel of a received s16 audio frame (interleaved), as array('h').
+
+    Reads only the frame's samples from its plane (which may be padded), with
+    no copy of the whole plane.
+    """
+    channels = len(frame.layout.channels)
+    pcm = array("h")
+    pcm.frombytes(memoryview(frame.planes[0])[: frame.samples * channels * 2])
+    return pcm[0::channels] if channels > 1 else pcm
 
 
 def percentile(values: Sequence[float], p: float) -> float | None:

@@ -218,3 +218,30 @@ def test_percentile() -> None:
     assert percentile(values, 95) == 95.0
     assert percentile(values, 100) == 100.0
     assert percentile([3.0], 95) == 3.0
+
+
+def test_arrival_clock_maps_samples_to_arrival_times() -> None:
+    from transceiver.markers import ArrivalClock
+
+    clock = ArrivalClock(keep=8)
+    assert clock.time_of(0, 48000) is None  # nothing arrived yet
+    for n in range(20):  # 20 frames of 960 samples, one every 20 ms from t=100 s
+        clock.add(n * 960, 100.0 + n * 0.020)
+    # A sample inside the newest frame: its frame's arrival plus its offset in the frame.
+    assert clock.time_of(19 * 960 + 480, 48000) == pytest.approx(100.38 + 0.010)
+    assert clock.time_of(15 * 960, 48000) == pytest.approx(100.30)
+    # Frames trimmed away are not guessed at.
+    assert clock.time_of(0, 48000) is None
+
+
+def test_channel0_takes_the_first_channel_of_interleaved_frames() -> None:
+    from av import AudioFrame
+
+    from transceiver.markers import channel0
+
+    frame = AudioFrame(format="s16", layout="stereo", samples=4)
+    frame.planes[0].update(array("h", [1, -1, 2, -2, 3, -3, 4, -4]).tobytes())
+    assert list(channel0(frame)) == [1, 2, 3, 4]
+    mono = AudioFrame(format="s16", layout="mono", samples=3)
+    mono.planes[0].update(array("h", [7, 8, 9]).tobytes())
+    assert list(channel0(mono)) == [7, 8, 9]  # the samples only, not the plane's padding
