@@ -34,8 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from ctl import runstate
 from ctl.layout import Session, SessionEvent, TransceiverState, port_host
@@ -46,16 +44,7 @@ from ctl.redisstate import RedisState, connect, redact
 from ctl.redissync import RedisSync
 from ctl.store import KernelState, MemoryState, RelayState
 from ctl.userspace import RelayError, RelaySockets, UserspaceRelay, bind_sockets
-from ctl.xdp import (
-    XDP_FLAGS_DRV_MODE,
-    XDP_FLAGS_SKB_MODE,
-    AttachMode,
-    XdpError,
-    _outside_event_loop,
-    detach,
-    ifindex,
-    info,
-)
+from ctl.xdp import AttachMode, XdpError, detach, ifindex, info
 
 log = logging.getLogger("splitrelay.relay")
 
@@ -258,7 +247,7 @@ class RelayDaemon:
         failed: list[str] = []
         for ifname in self.config.interfaces:
             try:
-                if _detach(ifname):
+                if detach(ifname):
                     log.warning("detached the XDP program on %s: %s", ifname, why)
             except XdpError as exc:
                 failed.append(_one_line(exc))
@@ -389,7 +378,7 @@ class RelayDaemon:
         if self.config.detach_on_exit:
             for ifname in self.attached:
                 try:
-                    _detach(ifname)
+                    detach(ifname)
                     log.info("XDP detached from %s (--detach-on-exit)", ifname)
                 except XdpError as exc:
                     log.warning("cannot detach XDP from %s: %s", ifname, _one_line(exc))
@@ -550,41 +539,6 @@ def _one_line(exc: BaseException) -> str:
 def xdp_interfaces_info(ifnames: list[str]) -> dict[str, str | None]:
     """The live attach mode of each interface (None when nothing is attached)."""
     return {name: info(name).mode for name in ifnames}
-
-
-def _detach(ifname: str) -> bool:
-    """Detach whatever XDP program is on ifname; True if there was one.
-
-    xdp.detach goes through libbcc; when bcc itself is what cannot be
-    imported (the very case where the daemon must take a stale program off),
-    the same netlink request is sent with pyroute2.
-    """
-    try:
-        return detach(ifname)
-    except ImportError:
-        return _netlink_detach(ifname)
-
-
-def _netlink_detach(ifname: str) -> bool:
-    current = info(ifname)
-    if current.mode is None:
-        return False
-    flags: dict[str, int] = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
-    mode_flags = flags.get(current.mode, 0)
-
-    def request() -> None:
-        with IPRoute() as ipr:
-            ipr.link(
-                "set",
-                index=current.ifindex,
-                xdp={"attrs": [("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", mode_flags)]},
-            )
-
-    try:
-        _outside_event_loop(request)
-    except NetlinkError as exc:
-        raise XdpError(f"cannot detach XDP from {ifname}: {os.strerror(exc.code)}") from exc
-    return True
 
 
 # ---------------------------------------------------------------- relayctl run

@@ -120,7 +120,7 @@ def info(ifname: str) -> XdpInfo:
 
 
 def _libbcc() -> ctypes.CDLL:
-    from bcc.libbcc import lib  # imported late: only attach/detach need bcc
+    from bcc.libbcc import lib  # imported late: only attach needs bcc
 
     return lib
 
@@ -128,8 +128,7 @@ def _libbcc() -> ctypes.CDLL:
 def _set(ifname: str, prog_fd: int, flags: int) -> None:
     ret = _libbcc().bpf_attach_xdp(ifname.encode(), prog_fd, flags)
     if ret < 0:
-        action = "attach XDP to" if prog_fd >= 0 else "detach XDP from"
-        raise XdpError(f"cannot {action} {ifname}: {os.strerror(ctypes.get_errno())}")
+        raise XdpError(f"cannot attach XDP to {ifname}: {os.strerror(ctypes.get_errno())}")
 
 
 def attach(ifname: str, prog_fd: int, mode: AttachMode = AttachMode.AUTO) -> AttachMode:
@@ -152,10 +151,26 @@ def attach(ifname: str, prog_fd: int, mode: AttachMode = AttachMode.AUTO) -> Att
 
 
 def detach(ifname: str) -> bool:
-    """Remove whatever XDP program is attached to ifname; True if one was."""
+    """Remove whatever XDP program is attached to ifname; True if one was.
+
+    Netlink (pyroute2), like info(), not libbcc: a daemon that cannot import
+    bcc must still be able to take a stale program off its interfaces.
+    """
     current = info(ifname)
     if current.mode is None:
         return False
-    flags = _MODE_FLAGS.get(AttachMode(current.mode), 0) if current.mode in _MODE_FLAGS else 0
-    _set(ifname, -1, flags)
+    flags = _MODE_FLAGS[AttachMode(current.mode)] if current.mode in _MODE_FLAGS else 0
+
+    def request() -> None:
+        with IPRoute() as ipr:
+            ipr.link(
+                "set",
+                index=current.ifindex,
+                xdp={"attrs": [("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", flags)]},
+            )
+
+    try:
+        _outside_event_loop(request)
+    except NetlinkError as exc:
+        raise XdpError(f"cannot detach XDP from {ifname}: {os.strerror(exc.code)}") from exc
     return True
