@@ -46,7 +46,6 @@ QUEUE_LIMIT = 65536
 MISS_CACHE_SECONDS = 1.0
 MISS_CACHE_SIZE = 65536
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 10.0
-PUBSUB_CLOSE_TIMEOUT = 1.0  # seconds a subscription may take to close
 CANCEL_WAIT, CANCEL_RETRIES = 0.5, 10  # stop(): how long, how often to wait for a task
 
 
@@ -287,11 +286,8 @@ class RedisSync:
             except (RedisError, OSError) as exc:
                 self._failed(exc)
             finally:
-                # Bounded: closing a subscription whose read was just cancelled can
-                # wait for the connection's lock until a socket timeout (a minute),
-                # which would hold up the daemon's shutdown.
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(pubsub.aclose(), PUBSUB_CLOSE_TIMEOUT)
+                    await pubsub.aclose()  # stop() re-cancels if this ever hangs
             await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX)
 
