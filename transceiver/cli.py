@@ -597,36 +597,17 @@ class WorkerRegistry:
         if entry is None or not entry.unhealthy:
             return
         entry.unhealthy = False
-        if not entry.draining:
-            await entry.run(_reactivate(entry), REGISTRY_HOOK_WAIT)
+
+        async def reactivate() -> None:
+            if not (entry.draining or entry.unhealthy):  # either may change before this runs
+                await entry.registration.activate()
+
+        await entry.run(reactivate(), REGISTRY_HOOK_WAIT)
 
     async def stopped(self, info: WorkerInfo) -> None:
         entry = self._workers.pop(info.transceiver_id, None)
         if entry is not None:
             await entry.stop()
-
-
-async def _reactivate(entry: _Registered) -> None:
-    """Undo what unhealthy() did with Registration.drain(): status active again.
-
-    Registration (transceiver/registry.py) has no method for this. Its beats
-    keep the stored status, so the status is set here, the way drain() sets
-    it (a tombstone left by an operator's `rm` stays removed); clearing its
-    `draining` makes a re-registration after a Redis restart active too. The
-    record is never removed in between: relays would drop the worker's live
-    sessions. (An operator's drain issued while the worker hung is undone
-    too: the registry cannot tell the two apart.)
-    """
-    from redis.exceptions import RedisError
-
-    from ctl.layout import TransceiverState
-
-    registration = entry.registration
-    if entry.draining or entry.unhealthy:  # changed while this waited to run
-        return
-    registration.draining = False
-    with contextlib.suppress(RedisError, OSError):
-        await registration.redis.set_transceiver_state(registration.tid, TransceiverState.ACTIVE)
 
 
 def _check_backend(backend: str) -> None:

@@ -92,6 +92,17 @@ class Registration:
             await self.redis.set_transceiver_state(self.tid, TransceiverState.DRAINING)
         await self._beat()
 
+    async def activate(self) -> None:
+        """Take new sessions again after drain(): the stored status goes back to active.
+
+        The record is never removed in between (relays would drop the worker's
+        live sessions), and a tombstone stays removed. An operator's drain
+        made meanwhile is undone too: the record cannot tell the two apart.
+        """
+        self.draining = False
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.set_transceiver_state(self.tid, TransceiverState.ACTIVE)
+
     async def stop(self) -> None:
         """Leave the registry (relays drop the transceiver at once).
 
