@@ -75,7 +75,6 @@ Method, and why:
 from __future__ import annotations
 
 import abc
-import argparse
 import contextlib
 import ipaddress
 import json
@@ -97,6 +96,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import click
 from pyroute2 import IPRoute
 
 from ctl import layout, wire, xdp
@@ -1162,50 +1162,23 @@ def run(opts: Options, log: TextIO = sys.stderr) -> tuple[list[PathResult], dict
     return results, meta
 
 
+def _options(params: dict[str, Any]) -> Options:
+    names = tuple(n.strip() for n in str(params["paths"]).split(",") if n.strip())
+    return Options(
+        params["duration"],
+        params["warmup"],
+        params["size"],
+        params["repeat"],
+        names,
+        params["as_json"],
+        params["output"],
+    )
+
+
 def parse_args(argv: Sequence[str] | None = None) -> Options:
-    """The command line (see --help)."""
-    ap = argparse.ArgumentParser(
-        prog="python -m ctl.bench",
-        description="Packets per second through the XDP relay, next to an XDP ceiling.",
-    )
-    ap.add_argument(
-        "--duration",
-        type=float,
-        default=5.0,
-        help="measured seconds per path and run (default: %(default)s)",
-    )
-    ap.add_argument(
-        "--warmup",
-        type=float,
-        default=1.0,
-        help="seconds of traffic before measuring (default: %(default)s)",
-    )
-    ap.add_argument(
-        "--size",
-        type=int,
-        default=160,
-        help=f"UDP payload bytes ({MIN_PAYLOAD}..{MAX_PAYLOAD}; default 160, 20 ms of voice)",
-    )
-    ap.add_argument(
-        "--repeat",
-        type=int,
-        default=3,
-        help="runs per path, interleaved; medians are reported (default: %(default)s)",
-    )
-    ap.add_argument(
-        "--paths",
-        default=",".join(p.name for p in PATHS),
-        help="comma-separated paths to measure (default: all)",
-    )
-    ap.add_argument("--json", action="store_true", help="print the JSON report on stdout")
-    ap.add_argument("--output", type=Path, default=RESULTS_FILE, help="where to write the JSON")
-    ns = ap.parse_args(argv)
-    if not MIN_PAYLOAD <= ns.size <= MAX_PAYLOAD:
-        ap.error(f"--size must be {MIN_PAYLOAD}..{MAX_PAYLOAD}")
-    if ns.duration <= 0 or ns.warmup < 0 or ns.repeat < 1:
-        ap.error("--duration must be > 0, --warmup >= 0, --repeat >= 1")
-    names = tuple(n.strip() for n in ns.paths.split(",") if n.strip())
-    return Options(ns.duration, ns.warmup, ns.size, ns.repeat, names, ns.json, ns.output)
+    """The Options a command line gives; a bad one raises a click.UsageError."""
+    with bench_command.make_context("bench", list(argv or [])) as ctx:
+        return _options(ctx.params)
 
 
 def _terminate_on_sigterm() -> None:
@@ -1227,16 +1200,10 @@ def _terminate_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark: 0 on success, 1 on an error or a failed check, 128+signal if stopped."""
-    return execute(parse_args(argv))
-
-
 def execute(opts: Options, error_prefix: str = "bench: ") -> int:
     """Run the benchmark opts describe and print its report; the exit code as main's.
 
-    Shared by `python -m ctl.bench` and `relayctl bench`, which parse the
-    same options their own way; error_prefix starts each one-line error.
+    error_prefix starts each one-line error (`relayctl: error: ` or `bench: `).
     """
     if os.geteuid() != 0:
         print(f"{error_prefix}needs root (namespaces, XDP): run `sudo make bench`", file=sys.stderr)
@@ -1266,5 +1233,67 @@ def execute(opts: Options, error_prefix: str = "bench: ") -> int:
     return 1 if any(r.problems for r in results) else 0
 
 
+@click.command("bench")
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="Measured seconds per path and run.",
+)
+@click.option(
+    "--warmup",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Seconds of traffic before measuring.",
+)
+@click.option(
+    "--size",
+    type=click.IntRange(MIN_PAYLOAD, MAX_PAYLOAD),
+    default=160,
+    show_default=True,
+    help="UDP payload bytes (160 is 20 ms of voice).",
+)
+@click.option(
+    "--repeat",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Runs per path, interleaved; medians are reported.",
+)
+@click.option(
+    "--paths",
+    default=",".join(p.name for p in PATHS),
+    show_default=True,
+    help="Comma-separated paths to measure.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout.")
+@click.option(
+    "--output",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=RESULTS_FILE,
+    show_default=True,
+    help="Where to write the JSON report.",
+)
+@click.pass_context
+def bench_command(ctx: click.Context, **params: Any) -> None:
+    """Data-plane packets per second: relay XDP native and generic, userspace, XDP ceiling.
+
+    What `sudo make bench` runs first, as `relayctl bench` (also `python -m
+    ctl.bench`); the method is in ctl/bench.py. Needs root: it builds its own
+    namespace testbed (prefix srbench) and always tears it down. Progress
+    goes to stderr; the exit code is 1 when a check of the measurement failed.
+    """
+    opts = _options(params)
+    try:
+        select_paths(opts.paths)
+    except BenchError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--paths'") from exc
+    root = ctx.find_root()
+    prefix = f"{root.info_name}: error: " if root is not ctx else "bench: "
+    ctx.exit(execute(opts, error_prefix=prefix))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    bench_command(prog_name="python -m ctl.bench")

@@ -24,7 +24,7 @@ Choices the brief left open:
 - `stats` shows the kernel's counters and, next to them, the userspace path's,
   which only the daemon holds: it copies them into its run state every second
   (a file the CLI reads from any network namespace, unlike the metrics port).
-- `bench` is `python -m ctl.bench` (what `make bench` runs) with click options.
+- `bench` is ctl/bench.py's command (also `python -m ctl.bench`), what `make bench` runs.
 """
 
 from __future__ import annotations
@@ -676,72 +676,7 @@ def testbed_status(as_json: bool, prefix: str) -> None:
 # ----------------------------------------------------------------------- bench
 
 
-@relayctl.command("bench")
-@click.option(
-    "--duration",
-    type=click.FloatRange(min=0, min_open=True),
-    default=5.0,
-    show_default=True,
-    help="Measured seconds per path and run.",
-)
-@click.option(
-    "--warmup",
-    type=click.FloatRange(min=0),
-    default=1.0,
-    show_default=True,
-    help="Seconds of traffic before measuring.",
-)
-@click.option(
-    "--size",
-    type=click.IntRange(bench.MIN_PAYLOAD, bench.MAX_PAYLOAD),
-    default=160,
-    show_default=True,
-    help="UDP payload bytes (160 is 20 ms of voice).",
-)
-@click.option(
-    "--repeat",
-    type=click.IntRange(min=1),
-    default=3,
-    show_default=True,
-    help="Runs per path, interleaved; medians are reported.",
-)
-@click.option(
-    "--paths",
-    default=",".join(p.name for p in bench.PATHS),
-    show_default=True,
-    help="Comma-separated paths to measure.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout.")
-@click.option(
-    "--output",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=bench.RESULTS_FILE,
-    show_default=True,
-    help="Where to write the JSON report.",
-)
-def bench_command(
-    duration: float,
-    warmup: float,
-    size: int,
-    repeat: int,
-    paths: str,
-    as_json: bool,
-    output: Path,
-) -> int:
-    """Data-plane packets per second: relay XDP native and generic, userspace, XDP ceiling.
-
-    The benchmark `sudo make bench` runs (python -m ctl.bench; the method is
-    in ctl/bench.py), with the same options. Needs root: it builds its own
-    namespace testbed (prefix srbench) and always tears it down. Progress
-    goes to stderr; the exit code is 1 when a check of the measurement failed.
-    """
-    names = tuple(n.strip() for n in paths.split(",") if n.strip())
-    try:
-        bench.select_paths(names)
-    except bench.BenchError as exc:
-        raise click.BadParameter(str(exc), param_hint="'--paths'") from exc
-    opts = bench.Options(duration, warmup, size, repeat, names, as_json, output)
-    return bench.execute(opts, error_prefix=ERROR_PREFIX)
+relayctl.add_command(bench.bench_command)
 
 
 def main() -> None:

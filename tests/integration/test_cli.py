@@ -767,6 +767,19 @@ def test_bench_runs_the_benchmark_with_its_options(
     assert json.loads(out.read_text()) == expected
 
 
+def test_bench_exits_1_when_a_check_failed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The report still prints; the exit code says the measurement is not to be trusted."""
+    from ctl import bench
+
+    failed = bench.PathResult("relay-native", "native", 230, problems=["sink saw nothing"])
+    monkeypatch.setattr(bench, "run", lambda opts: ([failed], {"kernel": "test"}))
+    monkeypatch.setattr(bench, "_terminate_on_sigterm", lambda: None)
+    argv = ["bench", "--paths", "relay-native", "--json", "--output", str(tmp_path / "b.json")]
+    res = _runner().invoke(cli.relayctl, argv)
+    assert res.exit_code == 1, res.stderr
+    assert json.loads(res.stdout) == bench.report_json([failed], {"kernel": "test"})
+
+
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [

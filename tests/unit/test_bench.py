@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+import click
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -402,5 +403,5 @@ def test_parse_args_options() -> None:
     "argv", [["--size", "11"], ["--size", "1449"], ["--repeat", "0"], ["--duration", "0"]]
 )
 def test_parse_args_rejects(argv: list[str]) -> None:
-    with pytest.raises(SystemExit):
+    with pytest.raises(click.UsageError):
         bench.parse_args(argv)
