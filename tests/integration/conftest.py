@@ -8,11 +8,14 @@ machine where nothing ran, so they fail with one clear line instead.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 
 import pytest
 
 from ctl.testbed import Testbed
+
+from .relay_process import TX1, TX2, udp
 
 # Distinct from a user's "sr" testbed, and from other suites' prefixes, so a test
 # run never touches (or tears down) somebody else's namespaces.
@@ -40,3 +43,29 @@ def testbed() -> Iterator[Testbed]:
         yield tb
     finally:
         tb.down()
+
+
+# Sockets on the testbed's hosts, for the suites that play client and transceiver by
+# hand; `testbed` is whichever testbed the requesting module uses.
+@pytest.fixture
+def client(testbed: Testbed) -> Iterator[socket.socket]:
+    """The client c1's UDP socket (an ephemeral port on 198.51.100.11)."""
+    sock = udp(testbed, "c1", ("198.51.100.11", 0))
+    yield sock
+    sock.close()
+
+
+@pytest.fixture
+def tx1(testbed: Testbed) -> Iterator[socket.socket]:
+    """The tunnel socket transceiver tx1 answers on."""
+    sock = udp(testbed, "tx1", TX1)
+    yield sock
+    sock.close()
+
+
+@pytest.fixture
+def tx2(testbed: Testbed) -> Iterator[socket.socket]:
+    """The tunnel socket transceiver tx2 answers on."""
+    sock = udp(testbed, "tx2", TX2)
+    yield sock
+    sock.close()

@@ -167,20 +167,6 @@ def establish(client: socket.socket, tx: socket.socket, tid: int = TID_TX1) -> w
     return header
 
 
-@pytest.fixture
-def client(testbed: Testbed) -> Iterator[socket.socket]:
-    sock = udp(testbed, "c1", ("198.51.100.11", 0))
-    yield sock
-    sock.close()
-
-
-@pytest.fixture
-def tx1(testbed: Testbed) -> Iterator[socket.socket]:
-    sock = udp(testbed, "tx1", TX1)
-    yield sock
-    sock.close()
-
-
 # ------------------------------------------------------------------ errors
 
 

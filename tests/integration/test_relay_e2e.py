@@ -41,7 +41,6 @@ from .relay_process import (
     TUNNEL_PORT,
     TUNNEL_V4,
     TX1,
-    TX2,
     RelayProcess,
     metric_sum,
     quiet,
@@ -64,27 +63,6 @@ def relay(request: pytest.FixtureRequest, testbed: Testbed) -> Iterator[RelayPro
         yield proc
     finally:
         proc.cleanup()
-
-
-@pytest.fixture
-def tx1(testbed: Testbed) -> Iterator[socket.socket]:
-    sock = udp(testbed, "tx1", TX1)
-    yield sock
-    sock.close()
-
-
-@pytest.fixture
-def tx2(testbed: Testbed) -> Iterator[socket.socket]:
-    sock = udp(testbed, "tx2", TX2)
-    yield sock
-    sock.close()
-
-
-@pytest.fixture
-def client(testbed: Testbed) -> Iterator[socket.socket]:
-    sock = udp(testbed, "c1", ("198.51.100.11", 0))
-    yield sock
-    sock.close()
 
 
 def establish(
