@@ -121,6 +121,22 @@ class RelayProcess:
         return out
 
 
+def establish(
+    client: socket.socket,
+    tx: socket.socket,
+    tid: int = TID_TX1,
+    relay: tuple[str, int] = (PUBLIC_V4, PUBLIC_PORT),
+) -> wire.TunnelHeader:
+    """The client's STUN request opens the session; returns the tunnel header T saw."""
+    request = stun(tid)
+    client.sendto(request, relay)
+    data, src = tx.recvfrom(4096)
+    assert src[1] == TUNNEL_PORT
+    header, payload = wire.decap(data)
+    assert payload == request
+    return header
+
+
 def scrape_until(
     relay: RelayProcess, done: Callable[[dict], bool], timeout: float = 3.0
 ) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

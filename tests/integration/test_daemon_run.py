@@ -38,6 +38,7 @@ from .relay_process import (
     TUNNEL_V4,
     TX1,
     RelayProcess,
+    establish,
     metric_sum,
     quiet,
     scrape_until,
@@ -156,15 +157,6 @@ def live_modes(testbed: Testbed, *ifnames: str) -> dict[str, str | None]:
     """What the kernel says is attached, interface by interface."""
     with in_netns(testbed.netns("relay1")):
         return {name: info(name).mode for name in ifnames}
-
-
-def establish(client: socket.socket, tx: socket.socket, tid: int = TID_TX1) -> wire.TunnelHeader:
-    request = stun(tid)
-    client.sendto(request, (PUBLIC_V4, PUBLIC_PORT))
-    data, _ = tx.recvfrom(4096)
-    header, payload = wire.decap(data)
-    assert payload == request
-    return header
 
 
 # ------------------------------------------------------------------ errors

@@ -42,6 +42,7 @@ from .relay_process import (
     TUNNEL_V4,
     TX1,
     RelayProcess,
+    establish,
     metric_sum,
     quiet,
     scrape_until,
@@ -63,22 +64,6 @@ def relay(request: pytest.FixtureRequest, testbed: Testbed) -> Iterator[RelayPro
         yield proc
     finally:
         proc.cleanup()
-
-
-def establish(
-    client: socket.socket,
-    tx: socket.socket,
-    tid: int = TID_TX1,
-    relay: tuple[str, int] = (PUBLIC_V4, PUBLIC_PORT),
-) -> wire.TunnelHeader:
-    """The client's STUN request opens the session; returns the tunnel header T saw."""
-    request = stun(tid)
-    client.sendto(request, relay)
-    data, src = tx.recvfrom(4096)
-    assert src[1] == TUNNEL_PORT
-    header, payload = wire.decap(data)
-    assert payload == request
-    return header
 
 
 def drops(relay: RelayProcess, reason: str) -> float:
