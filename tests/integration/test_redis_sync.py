@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
 
@@ -21,6 +20,7 @@ from ctl.redisstate import REMOVED, RedisState, SessionRecord, connect, endpoint
 from ctl.redissync import RedisSync, transceiver_record
 from ctl.store import KernelState
 from tests.bpf.xdp_harness import XdpHarness
+from tests.ports import free_tcp_port
 from tests.redis_server import RedisServer
 from transceiver.registry import Registration
 
@@ -225,12 +225,6 @@ def test_redis_outage_keeps_the_map_and_writes_back(
             await r.r.aclose()
 
     run(scenario)
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_relay_started_while_redis_is_down_syncs_on_first_contact(

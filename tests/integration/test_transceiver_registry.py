@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import re
 import shutil
 import signal
@@ -35,6 +34,7 @@ import pytest
 import redis
 from click.testing import CliRunner
 
+from tests.ports import free_tcp_port, free_udp_ports
 from tests.redis_server import RedisServer
 from transceiver.cli import ERROR_PREFIX, transceiver
 
@@ -56,33 +56,6 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str, log: Path | 
         time.sleep(0.05)
     tail = "\n" + log.read_text()[-3000:] if log is not None and log.exists() else ""
     pytest.fail(f"timed out after {timeout:g} s waiting for {what}{tail}")
-
-
-def free_tcp_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def free_udp_ports(host: str, count: int) -> int:
-    """A base port such that base .. base+count-1 are free UDP ports on `host`."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    for _ in range(200):
-        base = random.randrange(20000, 60000)
-        sockets: list[socket.socket] = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket(family, socket.SOCK_DGRAM)
-                sockets.append(s)
-                s.bind((host, port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    pytest.fail("no free UDP ports on loopback")
 
 
 def endpoint(host: str, port: int) -> str:

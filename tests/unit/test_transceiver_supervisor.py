@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from tests.ports import free_udp_ports
 from tests.redis_server import RedisServer
 from transceiver.cli import WorkerRegistry
 from transceiver.supervisor import (
@@ -55,27 +56,6 @@ def config(tunnel_port: int, **overrides: Any) -> SupervisorConfig:
     }
     values.update(overrides)
     return SupervisorConfig(**values)
-
-
-def free_udp_base(count: int) -> int:
-    import random
-    import socket
-
-    for _ in range(200):
-        base = random.randrange(20000, 60000)
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    pytest.fail("no free UDP ports on loopback")
 
 
 class Recorder:
@@ -114,7 +94,7 @@ def test_a_frozen_worker_is_drained_in_the_registry_and_comes_back(tmp_path: Pat
         r = aioredis.Redis(unix_socket_path=str(server.socket_path), decode_responses=True)
         recorder = Recorder()
         registry = WorkerRegistry(server.url, PREFIX, ttl=2)
-        sup = Supervisor(config(free_udp_base(2)), recorder.hooks(registry.hooks()))
+        sup = Supervisor(config(free_udp_ports("127.0.0.1", 2)), recorder.hooks(registry.hooks()))
 
         async def statuses() -> dict[str, str | None]:
             return {t: await r.hget(f"{PREFIX}transceiver:{t}", "status") for t in TIDS}
