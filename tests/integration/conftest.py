@@ -36,8 +36,13 @@ def testbed() -> Iterator[Testbed]:
     """A two-client, two-relay testbed, built once per module and always torn down."""
     if os.geteuid() != 0:
         pytest.fail("the testbed fixture needs root: run `sudo make test`", pytrace=False)
-    tb = Testbed(TESTBED_PREFIX, clients=2, relays=2, transceivers=2)
-    tb.down()  # leftovers of an interrupted earlier run
+    yield from build_testbed(TESTBED_PREFIX, clients=2, relays=2, transceivers=2)
+
+
+def build_testbed(prefix: str, **hosts: int) -> Iterator[Testbed]:
+    """Build a testbed (after removing leftovers of an interrupted run), yield it, remove it."""
+    tb = Testbed(prefix, **hosts)
+    tb.down()
     tb.up()
     try:
         yield tb

@@ -29,6 +29,7 @@ from ctl.netns import in_netns, popen_in
 from ctl.testbed import Testbed
 from ctl.xdp import info
 
+from .conftest import build_testbed
 from .relay_process import (
     PUBLIC_PORT,
     PUBLIC_V4,
@@ -56,13 +57,7 @@ TESTBED_PREFIX = "srdr"
 @pytest.fixture(scope="module")
 def testbed() -> Iterator[Testbed]:
     """The conftest's testbed, under this suite's prefix; always torn down."""
-    tb = Testbed(TESTBED_PREFIX, clients=1, relays=1, transceivers=1)
-    tb.down()  # leftovers of an interrupted earlier run
-    tb.up()
-    try:
-        yield tb
-    finally:
-        tb.down()
+    yield from build_testbed(TESTBED_PREFIX, clients=1, relays=1, transceivers=1)
 
 
 @pytest.fixture
