@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,3 +33,30 @@ def xdp() -> Iterator[object]:
     finally:
         harness.close()
         xdp_harness.teardown_netns()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def checkout_reachable_by_others() -> Iterator[None]:
+    """Let an unprivileged process run this checkout's venv, for the tests that drop root.
+
+    Those tests run `relayctl` (or a unit's command line) as nobody, which
+    needs to traverse every directory above the checkout. A checkout in a
+    private directory (`mktemp -d` is 0700) would make them fail on where the
+    repository lies, not on what they test. Directories that lack the
+    search bit for others get it (search only, not read) for the session, and
+    their mode is restored afterwards.
+    """
+    changed: list[tuple[Path, int]] = []
+    for directory in (REPO, *REPO.parents):
+        mode = directory.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            os.chmod(directory, stat.S_IMODE(mode) | stat.S_IXOTH)
+            changed.append((directory, stat.S_IMODE(mode)))
+    try:
+        yield
+    finally:
+        for directory, mode in reversed(changed):
+            os.chmod(directory, mode)

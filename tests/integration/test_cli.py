@@ -621,6 +621,7 @@ def _drop_root() -> None:
     os.setuid(65534)
 
 
+@pytest.mark.usefixtures("checkout_reachable_by_others")
 @pytest.mark.parametrize("args", [("sessions", "ls"), ("status", "--json")])
 def test_without_root_says_so(relay: XdpHarness, args: tuple[str, ...]) -> None:
     res = subprocess.run(

@@ -196,6 +196,7 @@ def test_port_in_use_fails_before_loading(testbed: Testbed, pin_dir: Path) -> No
     assert live_modes(testbed, "pub0", "dc0") == {"pub0": None, "dc0": None}
 
 
+@pytest.mark.usefixtures("checkout_reachable_by_others")
 def test_without_root_says_so(testbed: Testbed, pin_dir: Path) -> None:
     res = relayctl_in(testbed, base_args(pin_dir), as_nobody=True)
     assert_one_line_error(res, 1, "permission denied")

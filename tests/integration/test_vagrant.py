@@ -444,7 +444,7 @@ class Running:
 
 
 @pytest.fixture(scope="module")
-def running() -> Iterator[Running]:
+def running(checkout_reachable_by_others: None) -> Iterator[Running]:
     """A testbed of the Vagrant plan's size with every VM's services started from its units."""
     if os.geteuid() != 0:
         pytest.fail("needs root (namespaces, XDP): run `sudo make test`", pytrace=False)
