@@ -17,7 +17,7 @@ die() { printf 'bootstrap: error: %s\n' "$*" >&2; exit 1; }
 # and benchmarks add. SPLITRELAY_BOOTSTRAP=runtime (the Vagrant VMs) installs only the first.
 PACKAGES=(
   python3-bpfcc python3-venv python3-dev libbpf1 bpftool iproute2 ethtool
-  redis-server iputils-ping curl systemd
+  redis-server iputils-ping curl systemd libopus0
 )
 if [ "${SPLITRELAY_BOOTSTRAP:-full}" != runtime ]; then
   PACKAGES+=(netsniff-ng xdp-tools tcpdump vagrant vagrant-libvirt shellcheck)

@@ -1,12 +1,14 @@
-"""Narrow, version-pinned replacements of aiortc's per-frame audio work.
+"""The seam between the transceiver and aiortc: narrow, version-pinned replacements.
 
-A worker serves many calls on one core, so what aiortc does per 20 ms frame,
-per call, decides how many calls fit. Opus encoding and decoding (libopus, in
-C) is the work that must be done; aiortc 1.16 adds several times that much on
-top. The patches below remove that overhead and nothing else: what goes on
-the wire, and every frame a track or a backend sees, is the same.
+A worker serves many calls on one core, and a caller hears what the audio
+path does to every 20 ms frame. aiortc 1.16 as released gets both wrong for
+voice: several times the Opus work in Python overhead per frame, a receive
+buffer that holds 80 ms on a clean link and 280 ms after one lost packet, and
+an Opus encoder with no FEC and no idea of the path's loss. Each patch below
+replaces one piece, guarded (see the end of this docstring).
 
-What each patch replaces, and why:
+Overhead (what goes on the wire, and every frame a track or backend sees, is
+what aiortc would produce; tests/unit/test_aiortc_fast.py compares):
 
 ``audio_level``
     ``aiortc.rtp.compute_audio_level_dbov`` (the ssrc-audio-level value of
@@ -18,43 +20,47 @@ What each patch replaces, and why:
     instead. And the sender no longer computes it at all when the remote did
     not negotiate the extension: the value would be thrown away.
 
-``opus_no_resample``
-    ``OpusEncoder.encode`` passes every frame through an ``AudioResampler``
-    (a libav filter graph), also when the frame already is what the encoder
-    takes: 48 kHz stereo s16, 960 samples, the format of everything a backend
-    plays (docs/backends.md). Such frames now go straight to the encoder
-    (same packets, same timestamps: tests/unit/test_aiortc_fast.py compares
-    them); any other frame, or any frame after one that needed the
-    resampler, takes aiortc's path.
+The audio path (behaviour changes, each for latency or loss):
 
-``inline_encode``
-    ``RTCRtpSender._next_encoded_frame`` hands every audio frame to a thread
-    pool (``run_in_executor``) to be encoded. A worker is pinned to one core,
-    so the thread buys no parallelism; it costs a future, a queue hand-off,
-    two thread switches and a wake-up of the event loop per frame, and it
-    makes send timing depend on the GIL. Audio frames are now encoded inline
-    (about 0.15 ms); video still goes to the executor.
-
-``inline_decode``
-    ``RTCRtpReceiver.receive`` starts one decoder *thread per call*, fed
-    through a ``queue.Queue``; each decoded frame comes back with
-    ``run_coroutine_threadsafe`` (a coroutine, a task, a concurrent future and
-    a wake-up of the loop). For audio the frame is now decoded inline when the
-    jitter buffer releases it (about 0.05 ms) and put on the track's queue
-    directly. Errors, end of stream (RTCP BYE, disconnect, stop) and the
-    decoder-error flag behave as before. Video keeps its thread.
+``voice_encoder``
+    ``RTCRtpSender._next_encoded_frame``: audio frames are encoded inline
+    (a worker is pinned to one core, so aiortc's thread pool bought no
+    parallelism, only a future, two thread switches and a loop wake-up per
+    frame), and Opus by transceiver/voice_encoder.py's ``VoiceEncoder``
+    (transceiver/opus.py's libopus binding: 40 kbit/s mono voice, in-band FEC,
+    expected loss from RTCP) instead of aiortc's PyAV encoder at 96 kbit/s
+    stereo without FEC. Frames that are already 48 kHz s16 need no
+    resampler. Video is untouched.
+``loss_feedback``
+    ``RTCRtpSender._handle_rtcp_packet`` runs as released, then hands each
+    receiver report's fraction lost for this sender's stream to its
+    VoiceEncoder, which sizes its FEC from it.
+``adaptive_playout``
+    ``RTCRtpReceiver.receive``: for audio, aiortc's JitterBuffer (released
+    once 4 later frames arrived), its decoder thread and queue are replaced
+    by one transceiver/playout.py ``PlayoutStream``: the adaptive jitter
+    buffer of transceiver/jitterbuffer.py on a slot timer, decoding inline
+    with packet-loss concealment and FEC recovery. Its configuration and
+    counters come from ``playout.register`` (the session and the voice client
+    register their receivers). Video keeps aiortc's path.
+``opus_fec_sdp``
+    aiortc's Opus codec parameters gain ``useinbandfec=1`` (RFC 7587), so
+    offers and answers tell the other side this end decodes FEC, which is
+    what makes a browser send it. The guard is on
+    ``find_common_codecs``, whose use of the local parameters in answers
+    this relies on.
 
 Guards: every patch is checked against the pinned aiortc release
 (``PINNED``) and against a SHA-256 of the source of the function it replaces
-(``_ORIGINALS``). If either differs, that patch is not applied, a warning is
-logged, and aiortc runs as released (slower, never wrong);
-tests/unit/test_aiortc_fast.py fails loudly so the patch gets ported.
+or relies on (``_ORIGINALS``). If either differs, that patch is not applied,
+a warning is logged, and aiortc runs as released for that part (slower or
+with its own buffer, never broken); tests/unit/test_aiortc_fast.py fails
+loudly so the patch gets ported.
 
-``SPLITRELAY_AIORTC_FAST=0`` in the environment turns every patch here off
-(aiortc as released; the playback pacing of transceiver/session.py is not
-affected): that is the "stock-aiortc" variant of the benchmark
-(transceiver/bench.py, whose "before" variant also restores the old pacing,
-from transceiver/bench_server.py). Never set it in production.
+``SPLITRELAY_AIORTC_FAST=0`` in the environment turns every patch here off:
+aiortc as released, which is what the benchmarks compare against
+("stock-aiortc" in transceiver/bench.py, "stock" in transceiver/bench_latency.py).
+Never set it in production.
 """
 
 from __future__ import annotations
@@ -76,23 +82,27 @@ log = logging.getLogger("splitrelay.transceiver.aiortc_fast")
 ENV = "SPLITRELAY_AIORTC_FAST"
 PINNED: dict[str, str] = {"aiortc": "1.16.0", "av": "18.1.0"}
 
-#: SHA-256 of the source of each replaced function, as released in the pinned aiortc.
+#: SHA-256 of the source of each function replaced (or relied on), as in the pinned aiortc.
 _ORIGINALS: dict[str, tuple[str, str]] = {
     "audio_level": (
         "aiortc.rtp:compute_audio_level_dbov",
         "d65138ae99e84548ad554b29d3e8baabf21abb366694c4eeb347c1067505acc9",
     ),
-    "opus_no_resample": (
-        "aiortc.codecs.opus:OpusEncoder.encode",
-        "b70acba9312696b8c3147c9236b9e70de5761e650c7f878d075096d6e560af58",
-    ),
-    "inline_encode": (
+    "voice_encoder": (
         "aiortc.rtcrtpsender:RTCRtpSender._next_encoded_frame",
         "89dd9fa4fb33741cc60857f1cebae31c9a88b72da9a42f91abc6090f40cb8253",
     ),
-    "inline_decode": (
+    "loss_feedback": (
+        "aiortc.rtcrtpsender:RTCRtpSender._handle_rtcp_packet",
+        "a4ee4c7355f8de7a67ae75215d25d2d34931931a33b8ad2ce89ba2d9a24fc704",
+    ),
+    "adaptive_playout": (
         "aiortc.rtcrtpreceiver:RTCRtpReceiver.receive",
         "d6d8d8d7a0bf4e95f3fb7cb78cf275d0a5f50c4912e0cb8498272008779916ef",
+    ),
+    "opus_fec_sdp": (
+        "aiortc.rtcpeerconnection:find_common_codecs",
+        "2415d76d0aa2c211c2f39989eede0474745a983fe0d476112986d44a14354ed7",
     ),
 }
 
@@ -103,7 +113,7 @@ _saved: dict[str, Any] = {}
 
 
 def enabled() -> bool:
-    """Whether the fast paths are wanted (``SPLITRELAY_AIORTC_FAST`` is not 0)."""
+    """Whether the patches are wanted (``SPLITRELAY_AIORTC_FAST`` is not 0)."""
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
@@ -164,9 +174,10 @@ def apply() -> dict[str, bool]:
     mismatch = _versions_match()
     installers: dict[str, Callable[[], None]] = {
         "audio_level": _patch_audio_level,
-        "opus_no_resample": _patch_opus_encoder,
-        "inline_encode": _patch_sender,
-        "inline_decode": _patch_receiver,
+        "voice_encoder": _patch_sender,
+        "loss_feedback": _patch_loss_feedback,
+        "adaptive_playout": _patch_receiver,
+        "opus_fec_sdp": _patch_opus_parameters,
     }
     for name, install in installers.items():
         target, digest = _ORIGINALS[name]
@@ -185,7 +196,7 @@ def apply() -> dict[str, bool]:
         if reason is not None:
             _problems[name] = reason
             _applied[name] = False
-            log.warning("aiortc fast path %s not applied: %s", name, reason)
+            log.warning("aiortc patch %s not applied: %s", name, reason)
             continue
         install()
         _applied[name] = True
@@ -237,37 +248,6 @@ def _patch_audio_level() -> None:
     rtp.compute_audio_level_dbov = compute_audio_level_dbov
 
 
-# ---------------------------------------------------------------------- opus encoder
-
-
-def _patch_opus_encoder() -> None:
-    from aiortc.codecs import opus
-
-    encoder_cls = opus.OpusEncoder
-    stock_encode = encoder_cls.encode
-
-    def encode(self: Any, frame: Any, force_keyframe: bool = False) -> tuple[list[bytes], Any]:
-        """aiortc's OpusEncoder.encode, without the resampler for frames that need none."""
-        if (
-            getattr(self, "_splitrelay_resampled", False)
-            or frame.pts is None
-            or frame.samples != opus.SAMPLES_PER_FRAME
-            or frame.sample_rate != opus.SAMPLE_RATE
-            or frame.format.name != "s16"
-            or frame.layout.name != "stereo"
-        ):
-            self._splitrelay_resampled = True
-            return stock_encode(self, frame, force_keyframe)
-        packets = self.codec.encode(frame)
-        if self.first_packet_pts is None and packets:
-            self.first_packet_pts = packets[0].pts
-        if packets:
-            return [bytes(p) for p in packets], packets[0].pts - self.first_packet_pts
-        return [], None
-
-    encoder_cls.encode = encode
-
-
 # ---------------------------------------------------------------------- sender
 
 
@@ -277,18 +257,24 @@ def _patch_sender() -> None:
     from av import AudioFrame
     from av.frame import Frame
 
+    from transceiver.voice_encoder import VoiceEncoder, registered_settings
+
     sender_cls = rtcrtpsender.RTCRtpSender
     encoded_frame = rtcrtpsender.RTCEncodedFrame
 
     async def _next_encoded_frame(self: Any, codec: Any) -> Any:
-        """aiortc's _next_encoded_frame, with audio encoded inline (see the module doc)."""
+        """aiortc's _next_encoded_frame, audio encoded inline, Opus by VoiceEncoder."""
         data = await self._RTCRtpSender__track.recv()
         if not self._enabled:
             return None
         if not isinstance(data, AudioFrame):
             return await _video_or_packet(self, codec, data)
         if self._RTCRtpSender__encoder is None:
-            self._RTCRtpSender__encoder = get_encoder(codec)
+            self._RTCRtpSender__encoder = (
+                VoiceEncoder(registered_settings(self))
+                if codec.mimeType.lower() == "audio/opus"
+                else get_encoder(codec)
+            )
         audio_level = None
         ids = self._RTCRtpSender__rtp_header_extensions_map._HeaderExtensionsMap__ids
         if ids.audio_level is not None:
@@ -319,77 +305,41 @@ def _patch_sender() -> None:
     sender_cls._next_encoded_frame = _next_encoded_frame
 
 
+def _patch_loss_feedback() -> None:
+    from aiortc import rtcrtpsender
+    from aiortc.rtp import RtcpRrPacket, RtcpSrPacket
+
+    from transceiver.voice_encoder import VoiceEncoder
+
+    sender_cls = rtcrtpsender.RTCRtpSender
+    stock = sender_cls._handle_rtcp_packet
+
+    async def _handle_rtcp_packet(self: Any, packet: Any) -> None:
+        """aiortc's RTCP handling, then the reported loss to this sender's VoiceEncoder."""
+        await stock(self, packet)
+        if isinstance(packet, (RtcpRrPacket, RtcpSrPacket)):
+            encoder = self._RTCRtpSender__encoder
+            if isinstance(encoder, VoiceEncoder):
+                for report in packet.reports:
+                    if report.ssrc == self._ssrc:
+                        encoder.report_loss(report.fraction_lost / 256)
+
+    sender_cls._handle_rtcp_packet = _handle_rtcp_packet
+
+
 # ---------------------------------------------------------------------- receiver
-
-
-class InlineDecoder:
-    """Stands in for the receiver's decoder thread AND its input queue, decoding on put().
-
-    aiortc's receiver puts ``(codec, encoded_frame)`` on its decoder queue, or
-    None to stop, and checks that the thread is set before feeding it; this
-    object is both, so the receiver's own code runs unchanged around it. It
-    does what ``aiortc.rtcrtpreceiver.decoder_worker`` does, in the caller's
-    thread: one decoder per codec, a failed decode is logged and flags the
-    error event, every decoded frame goes to the track's queue, and None ends
-    the track (after which nothing more is decoded).
-    """
-
-    def __init__(self, output: asyncio.Queue[Any], decode_error: Any) -> None:
-        self._output = output
-        self._decode_error = decode_error
-        self._codec_name: str | None = None
-        self._decoder: Any = None
-        self._stopped = False
-
-    def put(self, task: Any) -> None:
-        if self._stopped:
-            return
-        if task is None:
-            self._stopped = True
-            self._decoder = None
-            self._output.put_nowait(None)
-            return
-        from aiortc.codecs import get_decoder
-        from av import FFmpegError
-
-        codec, encoded_frame = task
-        if codec.name != self._codec_name:
-            self._decoder = get_decoder(codec)
-            self._codec_name = codec.name
-        try:
-            frames = self._decoder.decode(encoded_frame)
-        except FFmpegError as exc:
-            logging.getLogger("aiortc.rtcrtpreceiver").warning(
-                "RTCRtpReceiver(%s) failed to decode %s frame: %s",
-                codec.mimeType.split("/")[0],
-                codec.name,
-                exc,
-            )
-            self._decode_error.set()
-            return
-        for frame in frames:
-            self._output.put_nowait(frame)
-
-    # -- what the receiver calls on its "thread"
-
-    def start(self) -> None:
-        """Nothing to start: decoding happens in put()."""
-
-    def join(self, timeout: float | None = None) -> None:
-        """Nothing to wait for: put(None) already ended the track."""
-
-    def __bool__(self) -> bool:
-        return not self._stopped
 
 
 def _patch_receiver() -> None:
     from aiortc import rtcrtpreceiver
 
+    from transceiver import playout
+
     receiver_cls = rtcrtpreceiver.RTCRtpReceiver
     stock_receive = receiver_cls.receive
 
     async def receive(self: Any, parameters: Any) -> None:
-        """aiortc's receive(), with an InlineDecoder instead of a thread for audio."""
+        """aiortc's receive(); for audio, a PlayoutStream instead of buffer, thread and queue."""
         if self._RTCRtpReceiver__kind != "audio":
             await stock_receive(self, parameters)
             return
@@ -399,11 +349,27 @@ def _patch_receiver() -> None:
             for encoding in parameters.encodings:
                 if encoding.rtx:
                     self._RTCRtpReceiver__rtx_ssrc[encoding.rtx.ssrc] = encoding.ssrc
-            decoder = InlineDecoder(self._track._queue, self._RTCRtpReceiver__decoder_error)
-            self._RTCRtpReceiver__decoder_queue = decoder
-            self._RTCRtpReceiver__decoder_thread = decoder
+            config, counters = playout.registration(self)
+            opus_types = {
+                c.payloadType for c in parameters.codecs if c.mimeType.lower() == "audio/opus"
+            }
+            stream = playout.PlayoutStream(self._track._queue, config, counters, opus_types)
+            self._RTCRtpReceiver__jitter_buffer = stream
+            self._RTCRtpReceiver__decoder_queue = stream
+            self._RTCRtpReceiver__decoder_thread = stream
             self._RTCRtpReceiver__transport._register_rtp_receiver(self, parameters)
             self._RTCRtpReceiver__rtcp_task = asyncio.ensure_future(self._run_rtcp())
             self._RTCRtpReceiver__started = True
 
     receiver_cls.receive = receive
+
+
+# ---------------------------------------------------------------------- SDP
+
+
+def _patch_opus_parameters() -> None:
+    from aiortc import codecs
+
+    for codec in codecs.CODECS["audio"]:
+        if codec.mimeType.lower() == "audio/opus":
+            codec.parameters["useinbandfec"] = 1

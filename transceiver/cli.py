@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlsplit
@@ -27,6 +27,7 @@ from yarl import URL
 from ctl.cliutil import ENDPOINT, TRANSCEIVER_ID, Endpoint
 
 if TYPE_CHECKING:
+    from transceiver.jitterbuffer import JitterConfig
     from transceiver.registry import Registration
     from transceiver.supervisor import SupervisorHooks, WorkerInfo
 
@@ -228,6 +229,48 @@ def main() -> None:
     transceiver.main(prog_name=PROG)
 
 
+# --------------------------------------------------------------------- jitter buffer
+
+#: The receive buffer's bounds, in milliseconds (transceiver/jitterbuffer.py's JitterConfig).
+JITTER_MS = click.FloatRange(0, 5000)
+
+
+def jitter_options(env: bool) -> Callable[[Any], Any]:
+    """--jitter-min-ms / --jitter-max-ms, with SPLITRELAY_TRANSCEIVER_* variables when `env`."""
+
+    def decorate(func: Any) -> Any:
+        for name, default, text in reversed(
+            (
+                ("min", 0.0, "Floor of the adaptive jitter buffer's target delay, ms."),
+                ("max", 500.0, "Ceiling of the adaptive jitter buffer's delay, ms."),
+            )
+        ):
+            extra: dict[str, Any] = {}
+            if env:
+                extra = {"envvar": f"{ENV}JITTER_{name.upper()}_MS", "show_envvar": True}
+            func = click.option(
+                f"--jitter-{name}-ms",
+                f"jitter_{name}_ms",
+                type=JITTER_MS,
+                default=default,
+                show_default=True,
+                help=text,
+                **extra,
+            )(func)
+        return func
+
+    return decorate
+
+
+def jitter_config(min_ms: float, max_ms: float) -> JitterConfig:
+    """The JitterConfig for the two options; a floor above the ceiling is a usage error."""
+    from transceiver.jitterbuffer import JitterConfig
+
+    if min_ms > max_ms:
+        raise click.UsageError(f"--jitter-min-ms {min_ms:g} is above --jitter-max-ms {max_ms:g}")
+    return JitterConfig(min_delay=min_ms / 1000, max_delay=max_ms / 1000)
+
+
 # --------------------------------------------------------------------- run
 
 
@@ -384,6 +427,7 @@ def main() -> None:
     show_envvar=True,
     help="Origin allowed to call from a browser (repeat)  [default: any]",
 )
+@jitter_options(env=True)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def run(
     listen: tuple[str, int],
@@ -404,6 +448,8 @@ def run(
     token: str | None,
     drain_timeout: float,
     cors_origins: tuple[str, ...],
+    jitter_min_ms: float,
+    jitter_max_ms: float,
     verbose: bool,
 ) -> None:
     """Serve signaling and run the worker processes until SIGTERM, then drain."""
@@ -431,6 +477,7 @@ def run(
     if len(set(families)) != len(families):
         raise click.UsageError("--public takes at most one address per IP family")
     _check_backend(backend)
+    jitter = jitter_config(jitter_min_ms, jitter_max_ms)
     level = logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = SupervisorConfig(
@@ -449,6 +496,8 @@ def run(
         drain_timeout=drain_timeout,
         cors_origins=list(cors_origins) if cors_origins else "*",
         log_level=level,
+        jitter_min_delay=jitter.min_delay,
+        jitter_max_delay=jitter.max_delay,
     )
     hooks = None
     if redis_url:
@@ -654,6 +703,7 @@ def _check_backend(backend: str) -> None:
     default=True,
     help="Fail a call whose audio and events do not come back (the echo backend returns them).",
 )
+@jitter_options(env=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging (aiortc, aioice).")
 def call(
@@ -665,6 +715,8 @@ def call(
     stagger: float,
     realtime: bool,
     expect_echo: bool,
+    jitter_min_ms: float,
+    jitter_max_ms: float,
     as_json: bool,
     verbose: bool,
 ) -> None:
@@ -683,6 +735,7 @@ def call(
         summarize,
     )
 
+    jitter = jitter_config(jitter_min_ms, jitter_max_ms)
     _quiet_logging(verbose)
     options = CallOptions(
         url=url,
@@ -691,6 +744,7 @@ def call(
         timeout=timeout,
         realtime=realtime,
         require_echo=expect_echo,
+        jitter=jitter,
     )
     results = asyncio.run(_quietly(place_calls(options, calls, stagger)))
     summary = summarize(results)

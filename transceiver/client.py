@@ -45,6 +45,8 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 from yarl import URL
 
+from transceiver import aiortc_fast, playout
+from transceiver.jitterbuffer import JitterConfig
 from transceiver.markers import (
     DEFAULT_FREQUENCIES,
     DEFAULT_PERIOD,
@@ -53,11 +55,16 @@ from transceiver.markers import (
     MarkerDetector,
     MarkerSource,
     RoundTrips,
+    ToneMeter,
     channel0,
     percentile,
 )
 
 log = logging.getLogger("splitrelay.transceiver.client")
+
+# The same audio path as the transceiver's workers (adaptive jitter buffer, voice encoder),
+# so what the client measures is what a browser-like client hears.
+aiortc_fast.apply()
 
 EVENTS_LABEL = "oai-events"
 FRAME_SAMPLES = 960  # 20 ms at 48 kHz, aiortc's Opus frame
@@ -83,7 +90,7 @@ class CallOptions:
     marker_period: float = DEFAULT_PERIOD
     require_echo: bool = True
     hangup: bool = True
-    jitter_frames: int = 1  # client receive buffer, in 20 ms frames (aiortc's default is 4)
+    jitter: JitterConfig = field(default_factory=JitterConfig)  # the receive buffer
 
     def endpoint(self) -> URL:
         """The POST URL; a bare http://host:port means the default /v1/calls."""
@@ -113,6 +120,10 @@ class CallResult:
     events_sent: int = 0
     audio_frames_in: int = 0
     audio_frames_out: int = 0
+    # The receive buffer's figures (transceiver/playout.py's PlayoutCounters.snapshot()).
+    playout: dict[str, Any] = field(default_factory=dict)
+    # Share of the listening time whose echoed background tone was intact (markers.ToneMeter).
+    tone_intact: float | None = None
 
 
 # --------------------------------------------------------------------- media
@@ -164,10 +175,25 @@ class MarkerTrack(MediaStreamTrack):
         return frame
 
 
+@dataclass
+class _Listening:
+    """The tone meter and when the first echoed frame came (for the meter's time base)."""
+
+    meter: ToneMeter = field(default_factory=ToneMeter)
+    first: float | None = None
+
+    def share(self, now: float) -> float | None:
+        return None if self.first is None else self.meter.share(now - self.first)
+
+
 async def _listen(
-    track: MediaStreamTrack, trips: RoundTrips, result: CallResult, loop: asyncio.AbstractEventLoop
+    track: MediaStreamTrack,
+    trips: RoundTrips,
+    result: CallResult,
+    loop: asyncio.AbstractEventLoop,
+    listening: _Listening,
 ) -> None:
-    """Feed received audio (channel 0) to the marker detector, pairing what it finds."""
+    """Feed received audio (channel 0) to the marker detector and the tone meter."""
     detector: MarkerDetector | None = None
     clock = ArrivalClock()
     wall_offset = time.time() - loop.time()  # loop time -> unix time, for `samples`
@@ -179,9 +205,13 @@ async def _listen(
         arrived = loop.time()
         if detector is None:
             detector = MarkerDetector(sample_rate=frame.sample_rate)
+            listening.first = arrived
         clock.add(detector.position, arrived)
         result.audio_frames_in += 1
-        for found in detector.feed(channel0(frame)):
+        samples = channel0(frame)
+        if frame.sample_rate == SAMPLE_RATE:
+            listening.meter.feed(samples)
+        for found in detector.feed(samples):
             when = clock.time_of(found.sample, detector.sample_rate)
             if when is not None:
                 rtt = trips.on_detected(found.marker_id, when)
@@ -342,6 +372,8 @@ async def _run_call(options: CallOptions, result: CallResult, http: aiohttp.Clie
     source = MarkerSource(period=options.marker_period)
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     track = MarkerTrack(source, trips)
+    counters = playout.PlayoutCounters()
+    listening = _Listening()
     tasks: list[asyncio.Task[None]] = []
     connected = asyncio.Event()
     failed = asyncio.Event()
@@ -357,11 +389,11 @@ async def _run_call(options: CallOptions, result: CallResult, http: aiohttp.Clie
     @pc.on("track")
     def _on_track(remote: MediaStreamTrack) -> None:
         if remote.kind == "audio":
-            tasks.append(asyncio.ensure_future(_listen(remote, trips, result, loop)))
+            tasks.append(asyncio.ensure_future(_listen(remote, trips, result, loop, listening)))
 
     try:
         pc.addTrack(track)
-        _set_jitter_buffer(pc, options.jitter_frames)
+        _set_jitter_buffer(pc, options.jitter, counters)
         channel = pc.createDataChannel(EVENTS_LABEL)
         probe = _EventProbe(channel, result, options.event_interval)
         await pc.setLocalDescription(await pc.createOffer())
@@ -383,6 +415,8 @@ async def _run_call(options: CallOptions, result: CallResult, http: aiohttp.Clie
         end = loop.time() + options.duration
         tasks.append(asyncio.ensure_future(probe.run(end)))
         await _sleep_unless(failed, options.duration)
+        # The tone is judged while it is sent (the tail that follows is silence).
+        result.tone_intact = listening.share(loop.time())
         # No new markers; let the last ones and the pings come back before judging them lost.
         track.markers = False
         await _sleep_unless(failed, min(1.0, horizon))
@@ -409,6 +443,7 @@ async def _run_call(options: CallOptions, result: CallResult, http: aiohttp.Clie
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         del result.samples[len(result.audio_rtts) :]  # detections after the cut-off
+        result.playout = counters.snapshot()
         if call_url is not None and options.hangup:
             await _hang_up(http, options, call_url)
         with contextlib.suppress(Exception):
@@ -421,19 +456,28 @@ async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(event.wait(), seconds)
 
 
-def _set_jitter_buffer(pc: RTCPeerConnection, frames: int) -> None:
-    """Shrink the client's audio receive buffer so the round trip measures the system.
+def _set_jitter_buffer(
+    pc: RTCPeerConnection, config: JitterConfig, counters: playout.PlayoutCounters
+) -> None:
+    """The client's receive buffer: the adaptive one, as the workers use, or a 1-frame stock one.
 
-    aiortc holds 4 frames (80 ms) before decoding the first; a browser on a
-    clean network holds about one. aiortc has no option for it, so the pinned
-    version's private attribute is replaced; if it is missing (another aiortc),
-    the default stays and only the measurement is 60 ms more pessimistic.
+    With transceiver/aiortc_fast.py's adaptive_playout in place (the pinned
+    aiortc), the receiver gets ``config`` and reports to ``counters``. Without
+    it (``SPLITRELAY_AIORTC_FAST=0``, the benchmarks' stock variant), aiortc's
+    own buffer is lowered from 4 frames (80 ms) before decoding to 1, what a
+    browser holds on a clean network, so the stock round trip is not made
+    60 ms worse by the client alone.
     """
     attr = "_RTCRtpReceiver__jitter_buffer"
+    adaptive = aiortc_fast.status().get("adaptive_playout", False)
     for transceiver in pc.getTransceivers():
+        if transceiver.kind != "audio":
+            continue
         receiver = transceiver.receiver
-        if transceiver.kind == "audio" and isinstance(getattr(receiver, attr, None), JitterBuffer):
-            setattr(receiver, attr, JitterBuffer(capacity=16, prefetch=frames))
+        if adaptive:
+            playout.register(receiver, config, counters)
+        elif isinstance(getattr(receiver, attr, None), JitterBuffer):
+            setattr(receiver, attr, JitterBuffer(capacity=16, prefetch=1))
 
 
 async def _wait_connected(
@@ -507,8 +551,26 @@ def summarize(results: Sequence[CallResult]) -> dict[str, Any]:
         "markers_lost": sum(r.markers_lost for r in results),
         "event_rtt_seconds": _distribution(events),
         "events_sent": sum(r.events_sent for r in results),
+        "jitter_buffer": _buffer_totals(results),
+        "tone_intact": _mean([r.tone_intact for r in results if r.tone_intact is not None]),
         "per_call": [asdict(r) for r in results],
     }
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _buffer_totals(results: Sequence[CallResult]) -> dict[str, Any]:
+    """The client's receive buffers over all calls: what a listener heard, frame by frame."""
+    keys = ("played", "fec", "concealed", "late", "dropped", "skipped")
+    totals: dict[str, Any] = {k: sum(int(r.playout.get(k, 0)) for r in results) for k in keys}
+    count = sum(int(r.playout.get("delay_seconds", {}).get("count", 0)) for r in results)
+    total = sum(float(r.playout.get("delay_seconds", {}).get("sum", 0.0)) for r in results)
+    totals["delay_seconds_mean"] = total / count if count else None
+    slots = totals["played"] + totals["fec"] + totals["concealed"]
+    totals["concealed_share"] = totals["concealed"] / slots if slots else None
+    return totals
 
 
 def _ms(value: float | int | None) -> str:
@@ -541,6 +603,17 @@ def render_summary(summary: dict[str, Any]) -> str:
             f"({summary['event_rtt_seconds']['count']} of {summary['events_sent']} events)",
         )
     )
+    buffer = summary.get("jitter_buffer") or {}
+    if buffer.get("played"):
+        share = buffer["concealed_share"] or 0.0
+        lines.append(
+            f"{'buffer':<11} mean {_ms(buffer['delay_seconds_mean']):>8}  "
+            f"{buffer['played']} frames played, {buffer['fec']} FEC, "
+            f"{buffer['concealed']} concealed ({share:.1%}), {buffer['late']} late, "
+            f"{buffer['dropped']} dropped"
+        )
+    if summary.get("tone_intact") is not None:
+        lines.append(f"{'tone':<11} {summary['tone_intact']:.1%} of the echo intact")
     return "\n".join(lines)
 
 

@@ -28,6 +28,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from transceiver.jitterbuffer import DELAY_BUCKETS
 from transceiver.pool import PoolStats
 
 PREFIX = "splitrelay_transceiver"
@@ -74,6 +75,12 @@ TUNNEL_DROP_REASONS: tuple[str, ...] = (
     "closed",
     "stun_unparsed",
 )
+
+
+# Why a worker's jitter buffers dropped received audio (transceiver/playout.py's
+# counters): to shrink the buffer, a duplicate packet, a flush when the stream
+# jumped, a packet libopus could not decode (or of another codec).
+AUDIO_DROP_REASONS: tuple[str, ...] = ("shrink", "duplicate", "overflow", "undecodable")
 
 
 @dataclass
@@ -164,6 +171,39 @@ class WorkerValues:
     calls_ended: dict[str, int] = field(default_factory=dict)
     tunnel_packets: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DIRECTIONS, 0))
     tunnel_drops: dict[str, int] = field(default_factory=dict)
+    jitter_delay: Histogram = field(default_factory=lambda: Histogram(DELAY_BUCKETS))
+    jitter_streams: int = 0
+    jitter_target_sum: float = 0.0  # mean target x streams, so workers can be averaged
+    audio_missing: dict[str, int] = field(default_factory=dict)  # concealed, fec, skipped, late
+    audio_drops: dict[str, int] = field(default_factory=dict)
+
+
+def _float(value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return number if math.isfinite(number) and number >= 0 else 0.0
+
+
+def _playout(stats: Mapping[str, Any]) -> dict[str, Any]:
+    """The jitter-buffer figures of one worker (`stats["playout"]`, PlayoutCounters.snapshot)."""
+    playout = stats.get("playout")
+    if not isinstance(playout, Mapping):
+        return {"missing": {}, "drops": {}, "delay": Histogram(DELAY_BUCKETS), "streams": 0}
+    streams = _int(playout.get("streams", 0))
+    return {
+        "missing": {k: _int(playout.get(k, 0)) for k in ("concealed", "fec", "skipped", "late")},
+        "drops": {
+            "shrink": _int(playout.get("dropped", 0)),
+            "duplicate": _int(playout.get("duplicate", 0)),
+            "overflow": _int(playout.get("overflow", 0)),
+            "undecodable": _int(playout.get("decode_errors", 0)),
+        },
+        "delay": Histogram.from_value(playout.get("delay_seconds", ())),
+        "streams": streams,
+        "target_sum": _float(playout.get("target_seconds_mean", 0.0)) * streams,
+    }
 
 
 def _int(value: Any) -> int:
@@ -210,6 +250,7 @@ def _tunnel(stats: Mapping[str, Any]) -> tuple[dict[str, int], dict[str, int]]:
 def worker_values(stats: Mapping[str, Any], calls: int) -> WorkerValues:
     """Read one Worker.stats() dict (transceiver/worker.py; keys in docs/transceiver.md)."""
     tunnel_packets, tunnel_drops = _tunnel(stats)
+    playout = _playout(stats)
     return WorkerValues(
         sessions=_int(stats.get("sessions", calls)),
         setup=Histogram.from_value(stats.get("setup_seconds", ())),
@@ -224,6 +265,11 @@ def worker_values(stats: Mapping[str, Any], calls: int) -> WorkerValues:
         },
         tunnel_packets=tunnel_packets,
         tunnel_drops=tunnel_drops,
+        jitter_delay=playout["delay"],
+        jitter_streams=playout["streams"],
+        jitter_target_sum=playout.get("target_sum", 0.0),
+        audio_missing=playout["missing"],
+        audio_drops=playout["drops"],
     )
 
 
@@ -320,7 +366,47 @@ class TransceiverCollector(Collector):
         for reason, n in sorted(totals.items()):
             drops.add_metric([reason], n)
         yield drops
+        yield from self._jitter_buffers(values)
         yield from self._per_worker(values)
+
+    def _jitter_buffers(self, values: Sequence[WorkerValues]) -> Iterator[Metric]:
+        """The received audio's adaptive jitter buffers, summed over calls and workers."""
+        delay = Histogram(DELAY_BUCKETS)
+        for v in values:
+            delay.merge(v.jitter_delay)
+        yield HistogramMetricFamily(
+            f"{PREFIX}_jitter_buffer_delay_seconds",
+            "Time each played audio packet waited in its call's jitter buffer",
+            buckets=_buckets(delay),
+            sum_value=delay.total,
+        )
+        streams = sum(v.jitter_streams for v in values)
+        yield GaugeMetricFamily(
+            f"{PREFIX}_jitter_buffer_target_seconds",
+            "Mean target delay of the live calls' jitter buffers",
+            value=sum(v.jitter_target_sum for v in values) / streams if streams else 0.0,
+        )
+        for key, name, doc in (
+            ("concealed", "audio_concealed_frames", "Missing audio frames made up by Opus PLC"),
+            ("fec", "audio_fec_frames", "Missing audio frames recovered from in-band FEC"),
+            ("late", "audio_late_frames", "Audio packets that came after their playout slot"),
+            (
+                "skipped",
+                "audio_skipped_frames",
+                "Frames of an outage longer than the buffer conceals (nothing played)",
+            ),
+        ):
+            yield CounterMetricFamily(
+                f"{PREFIX}_{name}", doc, value=sum(v.audio_missing.get(key, 0) for v in values)
+            )
+        dropped = CounterMetricFamily(
+            f"{PREFIX}_audio_dropped_frames",
+            "Received audio frames dropped by the jitter buffers, by reason",
+            labels=["reason"],
+        )
+        for reason in AUDIO_DROP_REASONS:
+            dropped.add_metric([reason], sum(v.audio_drops.get(reason, 0) for v in values))
+        yield dropped
 
     def _per_worker(self, values: Sequence[WorkerValues]) -> Iterator[Metric]:
         info = GaugeMetricFamily(

@@ -45,13 +45,16 @@ from aiortc import sdp as aiortc_sdp
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
-from transceiver import aiortc_fast, backends
+from transceiver import aiortc_fast, backends, playout, voice_encoder
 from transceiver.backends import Backend, Event, SessionInfo
+from transceiver.jitterbuffer import JitterConfig
 from transceiver.mux import Address, IceLink, SeamError, TunnelMux, attach
+from transceiver.opus import VoiceSettings
 
 log = logging.getLogger("splitrelay.transceiver.session")
 
-# aiortc's per-frame overhead, removed where the pinned release allows (transceiver/aiortc_fast.py).
+# aiortc's audio path (overhead, jitter buffer, encoder), replaced where the pinned release
+# allows (transceiver/aiortc_fast.py).
 aiortc_fast.apply()
 
 EVENTS_LABEL = "oai-events"
@@ -200,6 +203,13 @@ class PlaybackTrack(MediaStreamTrack):
     arrives: a late frame never becomes lasting delay, which a schedule
     anchored on one frame's arrival would add (by up to a frame per late
     frame, for the rest of the call).
+
+    Timestamps follow the schedule, not the frame count: a frame that goes
+    out late (the backend paused, or the loop was busy) has a pts later by
+    as much, so its RTP timestamp says when it was played, as a sender with
+    DTX does. The receiver's jitter buffer measures delay from arrival
+    against timestamp; a pause that left the timestamps where they were
+    would read to it as that much sudden delay.
     """
 
     kind = "audio"
@@ -230,6 +240,8 @@ class PlaybackTrack(MediaStreamTrack):
         if early > 0:
             await asyncio.sleep(early)
             now += early
+        if now > due:  # late, or after a pause: the RTP clock moves on with real time
+            self._pts += round((now - due) * backends.SAMPLE_RATE)
         self._next = max(due, now) + backends.FRAME_SECONDS
         frame = AudioFrame(format="s16", layout=self._layout, samples=backends.FRAME_SAMPLES)
         frame.planes[0].update(pcm)
@@ -264,6 +276,9 @@ class CallSession:
         backend: Backend,
         counters: SessionCounters,
         setup_timeout: float = DEFAULT_SETUP_TIMEOUT,
+        jitter: JitterConfig | None = None,
+        voice: VoiceSettings | None = None,
+        playout_counters: playout.PlayoutCounters | None = None,
         offer_received: float | None = None,
         on_connected: Callable[[CallSession], None] | None = None,
         on_closed: Callable[[CallSession], None] | None = None,
@@ -280,6 +295,9 @@ class CallSession:
         self._backend = backend
         self._counters = counters
         self._setup_timeout = setup_timeout
+        self._jitter = jitter or JitterConfig()
+        self._voice = voice or VoiceSettings()
+        self._playout = playout_counters or playout.default_counters()
         self._on_connected = on_connected
         self._on_closed = on_closed
         self._pc: RTCPeerConnection | None = None
@@ -328,6 +346,10 @@ class CallSession:
             self._backend.audio_out, self._backend.output_channels, self._counters
         )
         pc.addTrack(track)
+        for transceiver in pc.getTransceivers():
+            if transceiver.kind == "audio":
+                playout.register(transceiver.receiver, self._jitter, self._playout)
+                voice_encoder.register(transceiver.sender, self._voice)
         await self._backend.start(
             SessionInfo(self.call_id, self.transceiver_id, send_event=self.send_event)
         )

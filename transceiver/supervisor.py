@@ -98,6 +98,8 @@ class WorkerSpec:
     backend_options: dict[str, Any]
     socket_path: str
     log_level: int = logging.INFO
+    jitter_min_delay: float = 0.0
+    jitter_max_delay: float = 0.5
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -175,6 +177,8 @@ class SupervisorConfig:
     max_body: int = 64 * 1024
     log_level: int = logging.INFO
     unhealthy_after: float = UNHEALTHY_AFTER
+    jitter_min_delay: float = 0.0
+    jitter_max_delay: float = 0.5
 
     def validate(self) -> None:
         """Refuse a configuration no worker could run with (SupervisorError, one line)."""
@@ -209,6 +213,8 @@ class SupervisorConfig:
                 backend_options=dict(self.backend_options),
                 socket_path=str(socket_dir / f"worker-{i}.sock"),
                 log_level=self.log_level,
+                jitter_min_delay=self.jitter_min_delay,
+                jitter_max_delay=self.jitter_max_delay,
             )
             for i in range(self.workers)
         ]
@@ -242,6 +248,7 @@ def load_backends() -> list[str]:
 
 def worker_config(spec: WorkerSpec) -> Any:
     """The Worker's own config from a spec (validates: a bad value raises ValueError)."""
+    from transceiver.jitterbuffer import JitterConfig
     from transceiver.worker import WorkerConfig
 
     return WorkerConfig(
@@ -253,6 +260,7 @@ def worker_config(spec: WorkerSpec) -> Any:
         max_calls=spec.max_calls,
         backend=spec.backend,
         backend_options=dict(spec.backend_options),
+        jitter=JitterConfig(min_delay=spec.jitter_min_delay, max_delay=spec.jitter_max_delay),
     )
 
 

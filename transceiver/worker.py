@@ -21,8 +21,10 @@ from ipaddress import ip_address
 from typing import Any
 
 from ctl import wire
-from transceiver import backends
+from transceiver import backends, playout
+from transceiver.jitterbuffer import JitterConfig
 from transceiver.mux import Address, TunnelMux, check_versions, relay_candidates
+from transceiver.opus import VoiceSettings
 from transceiver.session import (
     DEFAULT_SETUP_TIMEOUT,
     BadOffer,
@@ -64,6 +66,10 @@ class WorkerConfig:
     ``direct``: no relay; clients reach the tunnel socket itself, which must
     then be the (only) public candidate (TunnelMux's direct mode, for
     benchmarks and development: it measures the worker without the relay hop).
+
+    ``jitter`` configures every call's receive buffer (floor, ceiling, ...;
+    transceiver/jitterbuffer.py), ``voice`` its Opus encoder
+    (transceiver/opus.py's VoiceSettings).
     """
 
     transceiver_id: int
@@ -76,6 +82,8 @@ class WorkerConfig:
     backend_options: dict[str, Any] = field(default_factory=dict)
     setup_timeout: float = DEFAULT_SETUP_TIMEOUT
     direct: bool = False
+    jitter: JitterConfig = field(default_factory=JitterConfig)
+    voice: VoiceSettings = field(default_factory=VoiceSettings)
 
     def __post_init__(self) -> None:
         wire.make_server_ufrag(self.transceiver_id)  # raises for an id the token cannot carry
@@ -139,6 +147,7 @@ class Worker:
         self._mux: TunnelMux | None = None
         self._sessions: dict[str, CallSession] = {}
         self._counters = SessionCounters()
+        self._playout = playout.PlayoutCounters()
         self._setup = _SetupTimes()
         self._draining = False
         self._idle = asyncio.Event()
@@ -246,6 +255,9 @@ class Worker:
             backend=backend,
             counters=self._counters,
             setup_timeout=self.config.setup_timeout,
+            jitter=self.config.jitter,
+            voice=self.config.voice,
+            playout_counters=self._playout,
             offer_received=received,
             on_connected=self._session_connected,
             on_closed=self._session_closed,
@@ -298,7 +310,9 @@ class Worker:
         """A snapshot for metrics and health; plain JSON-able types (it may cross processes).
 
         ``setup_seconds`` is a cumulative histogram (upper bound, count) of
-        offer-received to ICE+DTLS-connected, observed when each call connects.
+        offer-received to ICE+DTLS-connected, observed when each call connects;
+        ``playout`` the received audio's jitter buffers summed over calls
+        (transceiver/playout.py's PlayoutCounters.snapshot).
         """
         sessions = list(self._sessions.values())
         connected = sum(1 for s in sessions if s.state == "connected")
@@ -323,4 +337,5 @@ class Worker:
             "backend_errors_total": c.backend_errors,
             **{f"{k}_total": v for k, v in self._totals.items()},
             "mux": {} if mux is None else mux.stats(),
+            "playout": self._playout.snapshot(),
         }

@@ -143,6 +143,7 @@ class Client:
         self.pc.addTrack(ToneTrack(tone_frames))
         self.channel = self.pc.createDataChannel("oai-events")
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.unread: list[dict[str, Any]] = []
         self.channel.on("message", lambda m: self.events.put_nowait(json.loads(m)))
         self.frames = 0
         self.loud_frames = 0
@@ -176,13 +177,21 @@ class Client:
         await until(lambda: self.channel.readyState == "open", timeout, "data channel open")
 
     async def event(self, type_: str, timeout: float = 10) -> dict[str, Any]:
-        """The next event of this type (earlier events of other types are skipped)."""
+        """The first event of this type not taken yet, in arrival order.
+
+        Events of other types are kept for later calls: the server's speech
+        events and the answers to the client's events race each other.
+        """
+        for i, event in enumerate(self.unread):
+            if event.get("type") == type_:
+                return self.unread.pop(i)
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             remaining = deadline - asyncio.get_running_loop().time()
             event = await asyncio.wait_for(self.events.get(), max(remaining, 0.01))
             if event.get("type") == type_:
                 return event
+            self.unread.append(event)
 
     async def close(self) -> None:
         await self.pc.close()

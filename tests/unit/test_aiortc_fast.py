@@ -1,10 +1,14 @@
-"""transceiver/aiortc_fast.py: the pins hold, and every fast path gives what aiortc gives.
+"""transceiver/aiortc_fast.py: the pins hold, and every patch does what it says.
 
 If aiortc (or PyAV) is upgraded, the first test fails and names the patch to
 port: the patches replace private functions, and a silent change there must
-never reach a worker. The others compare each replacement with the aiortc
-function it replaces, on the same input, for identical output; the last ones
-run a real call over loopback with the patches in place.
+never reach a worker. The overhead patch (audio_level) is compared with the
+aiortc function it replaces, on the same input, for identical output; the
+audio-path patches are checked in a real call over loopback: the adaptive
+buffer plays the audio, the voice encoder sends it, receiver reports reach
+the encoder, and the SDP offers FEC. The buffer, the encoder and the codec
+have their own tests (test_jitterbuffer.py, test_playout.py,
+test_voice_encoder.py, test_opus.py).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import pytest
 from av import AudioFrame
 
 from transceiver import aiortc_fast, session  # noqa: F401  (session applies the patches)
+from transceiver.jitterbuffer import JitterConfig
 
 TIME_BASE = fractions.Fraction(1, 48000)
 
@@ -69,14 +74,16 @@ def test_the_environment_switch_leaves_aiortc_as_released() -> None:
     code = (
         "from transceiver import aiortc_fast, session\n"
         "from aiortc import rtp, rtcrtpreceiver, rtcrtpsender\n"
-        "from aiortc.codecs import opus\n"
         "assert not aiortc_fast.applied() and aiortc_fast.status() == dict.fromkeys("
         "aiortc_fast._ORIGINALS, False)\n"
         "assert rtp.compute_audio_level_dbov.__module__ == 'aiortc.rtp'\n"
-        "assert opus.OpusEncoder.encode.__module__ == 'aiortc.codecs.opus'\n"
         "assert rtcrtpsender.RTCRtpSender._next_encoded_frame.__module__ == "
         "'aiortc.rtcrtpsender'\n"
+        "assert rtcrtpsender.RTCRtpSender._handle_rtcp_packet.__module__ == "
+        "'aiortc.rtcrtpsender'\n"
         "assert rtcrtpreceiver.RTCRtpReceiver.receive.__module__ == 'aiortc.rtcrtpreceiver'\n"
+        "from aiortc.codecs import CODECS\n"
+        "assert 'useinbandfec' not in CODECS['audio'][0].parameters\n"
     )
     env = dict(os.environ, SPLITRELAY_AIORTC_FAST="0")
     proc = subprocess.run(
@@ -110,106 +117,6 @@ def test_audio_level_near_a_rounding_boundary_uses_the_exact_sum() -> None:
         assert aiortc_fast._level_from_sum(total, scale) == want
 
 
-# ---------------------------------------------------------------------- opus encoder
-
-
-def _encode_all(encode: Any, frames: list[AudioFrame]) -> list[tuple[list[bytes], Any]]:
-    from aiortc.codecs.opus import OpusEncoder
-
-    encoder = OpusEncoder()
-    return [encode(encoder, frame) for frame in frames]
-
-
-@pytest.mark.parametrize("pts", ["contiguous", "offset", "gap"])
-def test_opus_encoder_without_resampler_gives_the_same_packets(pts: str) -> None:
-    from aiortc.codecs.opus import OpusEncoder
-
-    def when(k: int) -> int:
-        base = {"contiguous": 0, "offset": 123456, "gap": 0}[pts]
-        return base + k * 960 + (48000 if pts == "gap" and k >= 20 else 0)
-
-    rnd = random.Random(pts)
-    samples = [_noise(rnd, 1920, 4000) for _ in range(40)]
-    stock = _encode_all(
-        aiortc_fast.original("opus_no_resample"),
-        [_frame(s, "stereo", when(k)) for k, s in enumerate(samples)],
-    )
-    fast = _encode_all(
-        OpusEncoder.encode, [_frame(s, "stereo", when(k)) for k, s in enumerate(samples)]
-    )
-    assert fast == stock
-    assert [t for _, t in fast[:3]] == [0, 960, 1920]
-
-
-def test_opus_encoder_resamples_what_needs_it_and_then_always() -> None:
-    from aiortc.codecs.opus import OpusEncoder
-
-    def half(samples: list[int], pts: int) -> AudioFrame:
-        frame = AudioFrame(format="s16", layout="stereo", samples=480)
-        frame.planes[0].update(array("h", samples).tobytes())
-        frame.sample_rate = 48000
-        frame.time_base = TIME_BASE
-        frame.pts = pts
-        return frame
-
-    def stream() -> list[AudioFrame]:
-        rnd = random.Random(2)
-        halves = [half(_noise(rnd, 960, 3000), k * 480) for k in range(6)]
-        whole = [_frame(_noise(rnd, 1920, 3000), "stereo", 2880 + k * 960) for k in range(6)]
-        return halves + whole
-
-    stock = _encode_all(aiortc_fast.original("opus_no_resample"), stream())
-    encoder = OpusEncoder()
-    fast = [encoder.encode(f) for f in stream()]
-    assert fast == stock
-    assert encoder._splitrelay_resampled  # once the resampler held samples, it stays in use
-
-    rnd = random.Random(3)
-    mono = [_frame(_noise(rnd, 960, 3000), "mono", k * 960) for k in range(5)]
-    assert _encode_all(OpusEncoder.encode, mono) == _encode_all(
-        aiortc_fast.original("opus_no_resample"), mono
-    )
-
-
-# ---------------------------------------------------------------------- inline decoder
-
-
-def _opus_packets(count: int) -> list[bytes]:
-    from aiortc.codecs.opus import OpusEncoder
-
-    encoder = OpusEncoder()
-    wave = [int(8000 * math.sin(2 * math.pi * 440 * i / 48000)) for i in range(960)]
-    stereo = [s for s in wave for _ in range(2)]
-    return [encoder.encode(_frame(stereo, "stereo", k * 960))[0][0] for k in range(count)]
-
-
-def test_inline_decoder_decodes_into_the_track_queue_and_ends_it() -> None:
-    from aiortc.jitterbuffer import JitterFrame
-    from aiortc.rtcrtpparameters import RTCRtpCodecParameters
-
-    codec = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000, channels=2)
-    packets = _opus_packets(5)
-
-    async def body() -> None:
-        output: asyncio.Queue[Any] = asyncio.Queue()
-        error = threading.Event()
-        decoder = aiortc_fast.InlineDecoder(output, error)
-        assert decoder
-        for k, packet in enumerate(packets):
-            decoder.put((codec, JitterFrame(packet, k * 960)))
-        frames = [output.get_nowait() for _ in range(len(packets))]
-        assert all(f.samples == 960 and f.layout.name == "stereo" for f in frames)
-        assert not error.is_set()
-        decoder.put(None)
-        assert output.get_nowait() is None
-        assert not decoder  # the receiver stops feeding a stopped decoder
-        decoder.put((codec, JitterFrame(packets[0], 0)))  # ignored, as after the thread ended
-        assert output.empty()
-        decoder.join()
-
-    asyncio.run(body())
-
-
 # ---------------------------------------------------------------------- a real call
 
 
@@ -239,11 +146,15 @@ class _Tone:
         return Tone()
 
 
-def test_a_loopback_call_carries_audio_without_codec_threads(
+def test_a_loopback_call_plays_through_the_adaptive_buffer_and_the_voice_encoder(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import aioice.ice
     from aiortc import RTCConfiguration, RTCPeerConnection
+    from aiortc.rtp import RtcpReceiverInfo, RtcpRrPacket
+
+    from transceiver import opus, playout
+    from transceiver.voice_encoder import VoiceEncoder
 
     # Loopback only: aioice would otherwise offer every address of the machine.
     monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
@@ -253,6 +164,7 @@ def test_a_loopback_call_carries_audio_without_codec_threads(
         receiver = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         got: asyncio.Queue[Any] = asyncio.Queue()
         readers: list[asyncio.Task[None]] = []
+        counters = playout.PlayoutCounters()
 
         @receiver.on("track")
         def _on_track(track: Any) -> None:
@@ -264,23 +176,56 @@ def test_a_loopback_call_carries_audio_without_codec_threads(
 
         sender.addTrack(_Tone())
         receiver.addTransceiver("audio", direction="recvonly")
+        for transceiver in receiver.getTransceivers():
+            playout.register(transceiver.receiver, JitterConfig(), counters)
         try:
             await sender.setLocalDescription(await sender.createOffer())
+            assert "useinbandfec=1" in sender.localDescription.sdp
             await receiver.setRemoteDescription(sender.localDescription)
             await receiver.setLocalDescription(await receiver.createAnswer())
+            assert "useinbandfec=1" in receiver.localDescription.sdp
             await sender.setRemoteDescription(receiver.localDescription)
             frames = [await asyncio.wait_for(got.get(), 10) for _ in range(20)]
             assert all(f.samples == 960 and f.sample_rate == 48000 for f in frames)
             loud = max(max(array("h", bytes(f.planes[0]))) for f in frames[-5:])
             assert loud > 2000, "the tone did not come through the codec"
+
             names = {t.name for t in threading.enumerate()}
             assert "audio-decoder" not in names
             assert not any(n.startswith("asyncio_") for n in names)  # the default executor
+            stream = receiver.getTransceivers()[0].receiver._RTCRtpReceiver__jitter_buffer
+            assert isinstance(stream, playout.PlayoutStream)
+            snapshot = counters.snapshot()
+            assert snapshot["streams"] == 1
+            # A frame or two may be concealed while the first packets teach the buffer the
+            # loopback's timing (the tone is paced by sleeps); the rest is played.
+            assert snapshot["played"] >= 17 and snapshot["concealed"] <= 3, snapshot
+            # Over loopback the buffer holds the margin and no more.
+            assert snapshot["delay_seconds"]["sum"] / snapshot["delay_seconds"]["count"] < 0.02
+
+            rtp_sender = sender.getTransceivers()[0].sender
+            encoder = rtp_sender._RTCRtpSender__encoder
+            assert isinstance(encoder, VoiceEncoder)
+            assert encoder.expected_loss == 0
+            report = RtcpReceiverInfo(
+                ssrc=rtp_sender._ssrc,
+                fraction_lost=64,  # 25 %
+                packets_lost=5,
+                highest_sequence=100,
+                jitter=0,
+                lsr=0,
+                dlsr=0,
+            )
+            await rtp_sender._handle_rtcp_packet(RtcpRrPacket(ssrc=1, reports=[report]))
+            assert encoder.expected_loss == 25
+            assert encoder._encoder is not None
+            assert encoder._encoder.get_ctl(opus.OPUS_GET_PACKET_LOSS_PERC_REQUEST) == 25
         finally:
             await sender.close()
             await receiver.close()
             for reader in readers:
                 reader.cancel()
             await asyncio.gather(*readers, return_exceptions=True)
+        assert counters.snapshot()["streams"] == 0  # the stream ended with the call
 
     asyncio.run(asyncio.wait_for(body(), 60))

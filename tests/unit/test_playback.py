@@ -10,6 +10,7 @@ Timings use the event loop's clock with tolerances for a busy machine.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -104,5 +105,29 @@ def test_wrong_size_frames_are_skipped_and_counted() -> None:
         frame = await track.recv()
         assert frame.samples == backends.FRAME_SAMPLES and frame.layout.name == "stereo"
         assert counters.backend_errors == 1 and counters.audio_frames_out == 1
+
+    run(body)
+
+
+def test_timestamps_follow_the_clock_across_a_pause() -> None:
+    async def body() -> None:
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        track = PlaybackTrack(queue, 2, SessionCounters())
+        pts = []
+        for _ in range(5):
+            queue.put_nowait(PCM)
+            pts.append((await track.recv()).pts)
+            await asyncio.sleep(FRAME)
+        await asyncio.sleep(0.2)  # nothing to play for 200 ms: 10 frames of silence
+        for _ in range(5):
+            queue.put_nowait(PCM)
+            pts.append((await track.recv()).pts)
+        steps = [b - a for a, b in itertools.pairwise(pts)]
+        samples = backends.FRAME_SAMPLES
+        # In real time: a frame each, plus however late the loop woke (a busy machine).
+        assert all(samples <= step <= samples + 0.010 * backends.SAMPLE_RATE for step in steps[:4])
+        # The pause: 200 ms beyond the 6th frame's own slot, as the clock saw it.
+        assert 0.2 * backends.SAMPLE_RATE <= steps[4] - samples <= 0.29 * backends.SAMPLE_RATE
+        assert steps[5:] == [samples] * 4  # queued at once: played early, one frame each
 
     run(body)

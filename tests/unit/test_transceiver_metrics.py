@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from ipaddress import ip_address
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -77,6 +78,50 @@ def test_drops_are_summed_over_workers_without_per_session_labels() -> None:
     assert set(drops) == {(("reason", r),) for r in (*metrics.TUNNEL_DROP_REASONS, "new")}
     packets = samples(text, "splitrelay_transceiver_tunnel_packets")
     assert packets == {(("direction", "in"),): 1, (("direction", "out"),): 0}
+
+
+def test_jitter_buffer_families_sum_the_workers_playout_counters() -> None:
+    from transceiver.jitterbuffer import DELAY_BUCKETS
+    from transceiver.playout import PlayoutCounters
+
+    first, second = PlayoutCounters(), PlayoutCounters()
+    for wait in (0.001, 0.004, 0.004, 0.035):
+        first.observe(wait)
+    second.observe(0.7)
+    second.decode_errors = 2
+    snap_a, snap_b = first.snapshot(), second.snapshot()
+    snap_a.update(concealed=3, fec=4, late=1, dropped=2, duplicate=1, skipped=10)
+    snap_b.update(concealed=1, overflow=6, streams=2, target_seconds_mean=0.025)
+    pool = PoolStats(
+        [
+            WorkerSnapshot(1, 0, 4, stats={"playout": snap_a}),
+            WorkerSnapshot(2, 0, 4, stats={"playout": snap_b}),
+            WorkerSnapshot(3, 0, 4, stats={"playout": "junk"}),  # lenient, as for the mux
+        ],
+        draining=False,
+    )
+    text = metrics.render(pool, {}).decode()
+    by_name = {f.name: f for f in text_string_to_metric_families(text)}
+    delay = by_name["splitrelay_transceiver_jitter_buffer_delay_seconds"]
+    buckets = {s.labels["le"]: s.value for s in delay.samples if s.name.endswith("_bucket")}
+    assert buckets[repr(DELAY_BUCKETS[0])] == 1  # 1 ms
+    assert buckets["0.005"] == 3
+    assert buckets["0.04"] == 4
+    assert buckets["1.0"] == 5 and buckets["+Inf"] == 5
+    total = next(s.value for s in delay.samples if s.name.endswith("_sum"))
+    assert total == pytest.approx(0.744)
+    target = by_name["splitrelay_transceiver_jitter_buffer_target_seconds"]
+    assert target.samples[0].value == pytest.approx(0.025)
+    assert samples(text, "splitrelay_transceiver_audio_concealed_frames") == {(): 4}
+    assert samples(text, "splitrelay_transceiver_audio_fec_frames") == {(): 4}
+    assert samples(text, "splitrelay_transceiver_audio_late_frames") == {(): 1}
+    assert samples(text, "splitrelay_transceiver_audio_skipped_frames") == {(): 10}
+    assert samples(text, "splitrelay_transceiver_audio_dropped_frames") == {
+        (("reason", "shrink"),): 2,
+        (("reason", "duplicate"),): 1,
+        (("reason", "overflow"),): 6,
+        (("reason", "undecodable"),): 2,
+    }
 
 
 def test_datagrams_the_tunnel_socket_drops_show_in_metrics() -> None:
