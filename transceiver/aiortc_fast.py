@@ -349,11 +349,13 @@ def _patch_receiver() -> None:
             for encoding in parameters.encodings:
                 if encoding.rtx:
                     self._RTCRtpReceiver__rtx_ssrc[encoding.rtx.ssrc] = encoding.ssrc
-            config, counters = playout.registration(self)
+            how = playout.registration(self)
             opus_types = {
                 c.payloadType for c in parameters.codecs if c.mimeType.lower() == "audio/opus"
             }
-            stream = playout.PlayoutStream(self._track._queue, config, counters, opus_types)
+            stream = playout.PlayoutStream(
+                self._track._queue, how.config, how.counters, opus_types, how.channels
+            )
             self._RTCRtpReceiver__jitter_buffer = stream
             self._RTCRtpReceiver__decoder_queue = stream
             self._RTCRtpReceiver__decoder_thread = stream

@@ -9,8 +9,9 @@ measure the echo round trip on every call, the way `transceiver call` does
 them cheap:
 
 * **No encoding.** The marker signal is periodic (8 pitches x 250 ms = 2 s =
-  100 frames), so it is Opus-encoded once, by aiortc's own encoder with its
-  own settings, and every call sends those packets in a loop (aiortc's sender
+  100 frames), so it is Opus-encoded once, by the voice client's encoder
+  settings (transceiver/opus.py's VoiceSettings, no loss expected), and
+  every call sends those packets in a loop (aiortc's sender
   takes encoded packets from a track as they are). The loop is taken from the
   third 2 s cycle the encoder saw, so the encoder state at its start is the
   state it had after the same audio: the loop has no seam. Marker send times
@@ -88,8 +89,7 @@ class MarkerLoop:
 
     @classmethod
     def build(cls, period: float = DEFAULT_PERIOD) -> MarkerLoop:
-        from aiortc.codecs.opus import OpusEncoder
-        from av import AudioFrame
+        from transceiver import opus
 
         source = MarkerSource(period=period)
         count = len(DEFAULT_FREQUENCIES)
@@ -97,23 +97,17 @@ class MarkerLoop:
         if cycle_samples % FRAME_SAMPLES:
             raise ValueError("the marker cycle must be a whole number of 20 ms frames")
         cycle = cycle_samples // FRAME_SAMPLES
-        encoder = OpusEncoder()
+        encoder = opus.Encoder(opus.VoiceSettings(), channels=1)
         packets: list[bytes] = []
         markers: list[list[tuple[int, int]]] = []
         for k in range(3 * cycle):
             start = source.position
             samples, found = source.read(FRAME_SAMPLES)
-            frame = AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
-            frame.planes[0].update(samples.tobytes())
-            frame.pts = start
-            frame.sample_rate = SAMPLE_RATE
-            frame.time_base = TIME_BASE
-            payloads, _ = encoder.encode(frame)
-            if len(payloads) != 1:
-                raise RuntimeError("the Opus encoder did not return one packet per frame")
+            payload = encoder.encode(samples.tobytes())
             if k >= 2 * cycle:
-                packets.append(payloads[0])
+                packets.append(payload)
                 markers.append([(m.seq - 2 * count, m.sample - start) for m in found])
+        encoder.close()
         return cls(packets, markers, count)
 
 
@@ -262,33 +256,19 @@ async def _listen(track: Any, trips: RoundTrips, call: Call) -> None:
                 call.rtts.append((when, rtt))
 
 
-def _decode_mono() -> None:
-    """Decode received Opus to one channel in this (client) process.
+def _set_jitter_buffer(pc: Any) -> None:
+    """The voice client's (and a browser's) adaptive buffer, decoding to one channel.
 
     The detector reads one channel, and the echo carries the same signal on
     both (the marker source is mono); libopus then skips the second
-    channel's synthesis, about a quarter of the decoding cost. Only the
-    client does this: the worker decodes stereo, as aiortc does.
+    channel's synthesis. Only the client does this: the worker decodes
+    stereo, as aiortc does.
     """
-    from aiortc import codecs
-    from aiortc.codecs.opus import OpusDecoder
-
-    stock = codecs.get_decoder
-
-    def get_decoder(codec: Any) -> Any:
-        decoder = stock(codec)
-        if isinstance(decoder, OpusDecoder):
-            decoder.codec.layout = "mono"
-        return decoder
-
-    codecs.get_decoder = get_decoder
-
-
-def _set_jitter_buffer(pc: Any) -> None:
-    """One frame of receive buffer, as the voice client (and a browser) holds."""
+    from transceiver import playout
     from transceiver.client import _set_jitter_buffer as set_buffer
+    from transceiver.jitterbuffer import JitterConfig
 
-    set_buffer(pc, 1)
+    set_buffer(pc, JitterConfig(), playout.default_counters(), channels=1)
 
 
 async def _ping(channel: Any, call: Call) -> None:
@@ -660,7 +640,6 @@ def main(argv: list[str] | None = None) -> int:
 
     pin_cpu(args.cpu)
     aiortc_fast.apply()
-    _decode_mono()
     _only_client_address(args.address)
     runner = run_load if args.mode == "load" else run_setup
     result = asyncio.run(runner(args))

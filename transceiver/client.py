@@ -457,7 +457,10 @@ async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:
 
 
 def _set_jitter_buffer(
-    pc: RTCPeerConnection, config: JitterConfig, counters: playout.PlayoutCounters
+    pc: RTCPeerConnection,
+    config: JitterConfig,
+    counters: playout.PlayoutCounters,
+    channels: int = 2,
 ) -> None:
     """The client's receive buffer: the adaptive one, as the workers use, or a 1-frame stock one.
 
@@ -466,7 +469,7 @@ def _set_jitter_buffer(
     it (``SPLITRELAY_AIORTC_FAST=0``, the benchmarks' stock variant), aiortc's
     own buffer is lowered from 4 frames (80 ms) before decoding to 1, what a
     browser holds on a clean network, so the stock round trip is not made
-    60 ms worse by the client alone.
+    60 ms worse by the client alone. ``channels``: see playout.register.
     """
     attr = "_RTCRtpReceiver__jitter_buffer"
     adaptive = aiortc_fast.status().get("adaptive_playout", False)
@@ -475,7 +478,7 @@ def _set_jitter_buffer(
             continue
         receiver = transceiver.receiver
         if adaptive:
-            playout.register(receiver, config, counters)
+            playout.register(receiver, config, counters, channels)
         elif isinstance(getattr(receiver, attr, None), JitterBuffer):
             setattr(receiver, attr, JitterBuffer(capacity=16, prefetch=1))
 

@@ -117,18 +117,28 @@ class PlayoutCounters:
 
 
 @dataclass(frozen=True)
-class _Registration:
+class Registration:
+    """How one receiver's stream is played: its buffer, its counters, its output channels."""
+
     config: JitterConfig
     counters: PlayoutCounters
+    channels: int = 2
 
 
-_DEFAULT = _Registration(JitterConfig(), PlayoutCounters())
-_registered: weakref.WeakKeyDictionary[Any, _Registration] = weakref.WeakKeyDictionary()
+_DEFAULT = Registration(JitterConfig(), PlayoutCounters())
+_registered: weakref.WeakKeyDictionary[Any, Registration] = weakref.WeakKeyDictionary()
 
 
-def register(receiver: Any, config: JitterConfig, counters: PlayoutCounters) -> None:
-    """Use ``config`` and ``counters`` for this RTCRtpReceiver's stream (before it starts)."""
-    _registered[receiver] = _Registration(config, counters)
+def register(
+    receiver: Any, config: JitterConfig, counters: PlayoutCounters, channels: int = 2
+) -> None:
+    """Play this RTCRtpReceiver's stream with ``config`` into ``counters`` (before it starts).
+
+    ``channels`` is what the frames carry: 2 as aiortc decodes (a backend gets
+    stereo), 1 for a listener that reads one channel anyway (a mono packet
+    decodes alike to both, and libopus then synthesises one).
+    """
+    _registered[receiver] = Registration(config, counters, channels)
 
 
 def default_counters() -> PlayoutCounters:
@@ -136,9 +146,9 @@ def default_counters() -> PlayoutCounters:
     return _DEFAULT.counters
 
 
-def registration(receiver: Any) -> tuple[JitterConfig, PlayoutCounters]:
-    found = _registered.get(receiver, _DEFAULT)
-    return found.config, found.counters
+def registration(receiver: Any) -> Registration:
+    """What ``register`` set for this receiver, or the process defaults."""
+    return _registered.get(receiver, _DEFAULT)
 
 
 def is_quiet(pcm: bytes) -> bool:
