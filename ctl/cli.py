@@ -25,6 +25,9 @@ Choices the brief left open:
   which only the daemon holds: it copies them into its run state every second
   (a file the CLI reads from any network namespace, unlike the metrics port).
 - `bench` is ctl/bench.py's command (also `python -m ctl.bench`), what `make bench` runs.
+- `testbed impair` replaces a client's whole impairment each time (not only the
+  options given), and `testbed status` reports on the testbed as `up` built it
+  (its sizes from the state file); docs/testbed.md has the mechanism and models.
 """
 
 from __future__ import annotations
@@ -620,16 +623,18 @@ PREFIX_OPTION = click.option(
 
 
 @contextmanager
-def _testbed(prefix: str) -> Iterator[Any]:
+def _testbed(prefix: str, from_state: bool = False) -> Iterator[Any]:
     """The Testbed for a prefix, with its errors turned into one-line CLI errors.
 
+    from_state: the testbed as `up` built it (its sizes from the state file), for
+    the commands that inspect or change a built testbed.
     Imported late: only these commands need it, and its import is the heaviest
     of the package.
     """
     from ctl.testbed import Testbed, TestbedError
 
     try:
-        yield Testbed(prefix)
+        yield Testbed.from_state(prefix) if from_state else Testbed(prefix)
     except TestbedError as exc:
         raise click.ClickException(cu.one_line(str(exc))) from exc
 
@@ -664,13 +669,174 @@ def testbed_down(as_json: bool, prefix: str) -> None:
 @JSON_OPTION
 @PREFIX_OPTION
 def testbed_status(as_json: bool, prefix: str) -> None:
-    """Compare what exists with the plan; changes nothing."""
-    with _testbed(prefix) as tb:
+    """Compare what exists with the plan; changes nothing. Shows impairments too."""
+    with _testbed(prefix, from_state=True) as tb:
         st = tb.status()
     if as_json:
         _emit_json(st)
     else:
         click.echo(cu.render_testbed_status(prefix, st))
+
+
+# Options that describe an impairment (the rest select clients or the output).
+IMPAIR_OPTIONS = (
+    "loss",
+    "burst_loss",
+    "burst_length",
+    "delay",
+    "jitter",
+    "reorder",
+    "reorder_gap",
+    "outage",
+    "outage_in",
+    "seed",
+    "limit",
+)
+
+
+@testbed.command("impair")
+@click.argument("clients", nargs=-1, metavar="[CLIENT]...")
+@PREFIX_OPTION
+@click.option(
+    "--direction",
+    type=click.Choice(["up", "down", "both"]),
+    default="both",
+    show_default=True,
+    help="up: client to relay; down: relay to client.",
+)
+@click.option("--loss", type=cu.PERCENT, help="Random (independent) loss: 2, 2% or 0.5%.")
+@click.option(
+    "--burst-loss",
+    type=cu.PERCENT,
+    help="Burst loss (Gilbert-Elliott): mean loss rate; needs --burst-length.",
+)
+@click.option("--burst-length", type=cu.PACKETS, help="Mean burst length in packets (>= 1).")
+@click.option("--delay", type=cu.MILLISECONDS, help="Fixed delay: 20, 20ms or 0.3s.")
+@click.option(
+    "--jitter",
+    type=cu.MILLISECONDS,
+    help="Extra delay, uniform in [0, MS]; packets keep their order.",
+)
+@click.option(
+    "--reorder",
+    type=cu.PERCENT,
+    help="Share of packets held back by --reorder-gap, landing after their successors.",
+)
+@click.option(
+    "--reorder-gap",
+    type=cu.MILLISECONDS,
+    help="How long a reordered packet is held back (default 30ms).",
+)
+@click.option("--outage", type=cu.MILLISECONDS, help="Drop everything for MS, once.")
+@click.option(
+    "--outage-in",
+    type=cu.SECONDS,
+    help="Start the outage S seconds from now (default: at once): 2, 2s, 500ms.",
+)
+@click.option(
+    "--seed",
+    type=click.IntRange(0, 2**63 - 1),
+    help="Seed of the random models (default: drawn, shown and recorded).",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 1_000_000),
+    help="Packets held at most (default 10000); beyond it drops count as queue_full.",
+)
+@click.option("--clear", is_flag=True, help="Remove the impairment of the CLIENTs.")
+@click.option("--show", is_flag=True, help="Show applied impairments and their counters.")
+@JSON_OPTION
+@click.pass_context
+def testbed_impair(
+    ctx: click.Context,
+    clients: tuple[str, ...],
+    prefix: str,
+    direction: str,
+    clear: bool,
+    show: bool,
+    as_json: bool,
+    **values: Any,
+) -> None:
+    """Impair the traffic between CLIENTs (default: every client) and the relays.
+
+    Loss, burst loss, delay, jitter, reordering and a timed outage, on the
+    client's switch port, for UDP and TCP to and from the relays' public
+    addresses only (signaling to the transceivers is untouched), IPv4 and
+    IPv6, whatever runs in the client's namespace. Applying again replaces the
+    client's impairment without a gap; `--clear` removes it; `testbed down`
+    removes everything. See docs/testbed.md.
+    """
+    given = [
+        name
+        for name in (*IMPAIR_OPTIONS, "direction")
+        if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+    ]
+    if clear and show:
+        raise click.UsageError("--clear and --show do not mix")
+    if (clear or show) and given:
+        opts = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise click.UsageError(f"{'--clear' if clear else '--show'} takes no {opts}")
+    if not (clear or show) and not [n for n in given if n not in ("direction", "seed", "limit")]:
+        raise click.UsageError(
+            "nothing to apply: give --loss, --burst-loss, --delay, --jitter, --reorder "
+            "or --outage (or --clear, --show)"
+        )
+    if "reorder_gap" in given and values.get("reorder") is None:
+        raise click.UsageError("--reorder-gap needs --reorder (the share of packets held back)")
+    spec = None if clear or show else _impair_spec(direction, values)
+    from ctl import impairctl
+
+    with _testbed(prefix, from_state=True) as tb:
+        if show:
+            impairctl.require_up(tb)
+            selected = impairctl.resolve_clients(tb, clients) if clients else None
+            shown = impairctl.status(tb, selected)
+            if as_json:
+                _emit_json({"prefix": prefix, "impairments": shown})
+            else:
+                click.echo(cu.render_impairments(prefix, shown))
+            return
+        if clear:
+            cleared = impairctl.clear(tb, clients)
+            if as_json:
+                _emit_json({"prefix": prefix, "cleared": cleared})
+            else:
+                click.echo(cu.render_cleared(cleared))
+            return
+        applied = impairctl.apply(tb, clients, spec)
+    if as_json:
+        _emit_json({"prefix": prefix, "applied": applied})
+    else:
+        click.echo("\n".join(cu.impairment_line(rec) for rec in applied.values()))
+
+
+def _impair_spec(direction: str, values: dict[str, Any]) -> Any:
+    """The validated ImpairSpec from the options; a bad combination is a usage error."""
+    import secrets
+
+    from ctl.impair import DEFAULT_LIMIT, DEFAULT_REORDER_GAP_MS, ImpairError, ImpairSpec
+
+    def get(name: str, default: float = 0.0) -> Any:
+        value = values.get(name)
+        return default if value is None else value
+
+    try:
+        return ImpairSpec(
+            direction=direction,
+            loss=get("loss"),
+            burst_loss=get("burst_loss"),
+            burst_length=get("burst_length"),
+            delay_ms=get("delay"),
+            jitter_ms=get("jitter"),
+            reorder=get("reorder"),
+            reorder_gap_ms=get("reorder_gap", DEFAULT_REORDER_GAP_MS),
+            outage_ms=get("outage"),
+            outage_in_s=get("outage_in"),
+            seed=values["seed"] if values.get("seed") is not None else secrets.randbelow(2**32),
+            limit=get("limit", DEFAULT_LIMIT),
+        )
+    except ImpairError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 # ----------------------------------------------------------------------- bench

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import click
 
+from ctl import impair
 from ctl.bpfsys import BpfError
 from ctl.loader import LoadError
 from ctl.maps import RelayAddresses, SessionEntry, TransceiverEntry
@@ -147,8 +148,37 @@ class TransceiverIdType(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+class ImpairValueType(click.ParamType):
+    """Click parameter for `testbed impair` values: `2`/`2%`, `20`/`20ms`/`0.3s`, counts.
+
+    The parsing itself is ctl/impair.py's, so the CLI and the spec agree.
+    """
+
+    def __init__(self, kind: str, name: str, default_unit: str = "ms") -> None:
+        self.kind = kind
+        self.name = name
+        self.default_unit = default_unit
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, float):
+            return value
+        try:
+            if self.kind == "percent":
+                return impair.parse_percent(str(value), "value")
+            if self.kind == "count":
+                return impair.parse_count(str(value), "value")
+            ms = impair.parse_duration_ms(str(value), "value", self.default_unit)
+            return ms / 1000.0 if self.default_unit == "s" else ms
+        except impair.ImpairError as exc:
+            self.fail(str(exc).removeprefix("value: "), param, ctx)
+
+
 ENDPOINT = EndpointType()
 TRANSCEIVER_ID = TransceiverIdType()
+PERCENT = ImpairValueType("percent", "PCT")
+MILLISECONDS = ImpairValueType("duration", "MS", "ms")
+SECONDS = ImpairValueType("duration", "S", "s")
+PACKETS = ImpairValueType("count", "N")
 
 
 # --------------------------------------------------------------------- numbers and times
@@ -414,6 +444,79 @@ def render_testbed_status(prefix: str, st: Mapping[str, Any]) -> str:
     lines += [f"  problem: {p}" for p in st.get("problems", [])]
     for p in st.get("processes", []):
         lines.append(f"  process {p.get('pid')}: {'alive' if p.get('alive') else 'gone'}")
+    impairments = st.get("impairments") or {}
+    for rec in impairments.values():
+        lines += ["  " + line for line in render_impairment(rec)]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------- testbed impair
+
+
+def _clock(wall: float) -> str:
+    """`12:00:01.234`, local time, for an outage window."""
+    return time.strftime("%H:%M:%S", time.localtime(wall)) + f".{int(wall * 1000) % 1000:03d}"
+
+
+def impairment_line(rec: Mapping[str, Any]) -> str:
+    """`c1: both: loss 10% (seed 7, daemon pid 42 active, SCHED_FIFO 10)`."""
+    d = rec["daemon"]
+    state = d.get("state") if d.get("alive") else "NOT RUNNING"
+    line = (
+        f"{rec['client']}: {rec['summary']} (seed {rec['spec']['seed']}, "
+        f"daemon pid {d['pid']} {state}, {d.get('sched') or '?'})"
+    )
+    outage = rec.get("outage")
+    if outage:
+        start = outage["start_wall"]
+        length = (outage["end_ns"] - outage["start_ns"]) / 1e9
+        line += f"; outage {_clock(start)}-{_clock(start + length)} ({outage['state']})"
+    return line
+
+
+def impairment_counter_line(direction: str, c: Mapping[str, Any]) -> str:
+    """`up    seen 2000  forwarded 1800  dropped 200 (loss 200)  reordered 0  held 0`."""
+    reasons = ", ".join(f"{k} {v}" for k, v in c["dropped"].items() if v)
+    dropped = f"dropped {c['dropped_total']}" + (f" ({reasons})" if reasons else "")
+    return (
+        f"{direction.ljust(4)}  seen {c['seen']}  forwarded {c['forwarded']}  {dropped}  "
+        f"reordered {c['reordered']}  held {c['held']}"
+    )
+
+
+def render_impairment(rec: Mapping[str, Any]) -> list[str]:
+    """One client's impairment: its line, counters per direction, lateness, problems."""
+    lines = [f"impairment {impairment_line(rec)}"]
+    for direction, c in (rec.get("counters") or {}).items():
+        lines.append("  " + impairment_counter_line(direction, c))
+    late = rec.get("lateness")
+    if late and sum(late["counts"]):
+        on_time = sum(late["counts"][:5])  # buckets below 1 ms
+        total = sum(late["counts"])
+        lines.append(
+            f"  sent within 1ms of due: {on_time}/{total}, latest {late['max_us'] / 1000:.2f}ms"
+        )
+    lines += [f"  problem: {p}" for p in rec.get("problems", [])]
+    return lines
+
+
+def render_impairments(prefix: str, impairments: Mapping[str, Mapping[str, Any]]) -> str:
+    """`testbed impair --show`: every client's impairment, or a line saying there is none."""
+    if not impairments:
+        return f"testbed {prefix}: no impairment applied"
+    return "\n".join(line for rec in impairments.values() for line in render_impairment(rec))
+
+
+def render_cleared(cleared: Mapping[str, Mapping[str, Any] | None]) -> str:
+    """`testbed impair --clear`: per client, the final counters or that nothing was applied."""
+    lines = []
+    for client, final in cleared.items():
+        if final is None:
+            lines.append(f"{client}: nothing to clear")
+            continue
+        lines.append(f"{client}: cleared")
+        for direction, c in (final.get("counters") or {}).items():
+            lines.append("  " + impairment_counter_line(direction, c))
     return "\n".join(lines)
 
 

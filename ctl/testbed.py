@@ -347,6 +347,8 @@ class Testbed:
         self.hosts: dict[str, Host] = {h.name: h for h in self._plan()}
         self.state_file = STATE_DIR / f"testbed-{prefix}.json"
         self.log_dir = STATE_DIR / f"testbed-{prefix}-logs"
+        # `testbed impair` (ctl/impairctl.py) keeps its records and daemons' state here.
+        self.impair_dir = STATE_DIR / f"testbed-{prefix}-impair"
         self.changes: list[str] = []
 
     @classmethod
@@ -513,7 +515,16 @@ class Testbed:
             "problems": rec.changes,
             "processes": procs,
             "state_file": str(self.state_file) if self.state_file.exists() else None,
+            "impairments": self._impairments(),
         }
+
+    def _impairments(self) -> dict[str, Any]:
+        """Active `testbed impair` records with their daemons' counters (none: {})."""
+        if not self.impair_dir.is_dir():
+            return {}
+        from ctl import impairctl  # lazily: only a testbed with impairments needs it
+
+        return impairctl.status(self)
 
     def _reconcile(self, rec: _Reconciler) -> None:
         """Bring every namespace, bridge, veth, address, route and XDP pass in line."""
@@ -768,6 +779,26 @@ class Testbed:
             self._save_state(state)
         return proc
 
+    def stop_processes(self, name: str) -> list[int]:
+        """Stop the recorded processes called `name` and forget them; returns their PIDs.
+
+        For helpers that come and go while the testbed stays up (an impairment
+        daemon replaced or cleared); `down()` stops whatever is still recorded.
+        """
+        require_root()
+        with self._locked():
+            state = self._load_state()
+            if state is None:
+                return []
+            procs = state.get("processes", [])
+            mine = [p for p in procs if p.get("name") == name]
+            if not mine:
+                return []
+            _stop_pids({int(p["pid"]): p.get("starttime") for p in mine})
+            state["processes"] = [p for p in procs if p.get("name") != name]
+            self._save_state(state)
+        return [int(p["pid"]) for p in mine]
+
     # ------------------------------------------------------------------ down
 
     def down(self, keep_logs: bool = False) -> list[str]:
@@ -799,6 +830,10 @@ class Testbed:
                 for f in self.log_dir.iterdir():
                     f.unlink(missing_ok=True)
                 self.log_dir.rmdir()
+            if self.impair_dir.is_dir():  # its daemons are stopped; their filters went
+                for f in self.impair_dir.iterdir():  # with the switch namespace
+                    f.unlink(missing_ok=True)
+                self.impair_dir.rmdir()
         return removed
 
     def _leftovers(self) -> set[str]:
