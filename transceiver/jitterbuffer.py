@@ -27,9 +27,11 @@ The model, in the terms the code uses:
   would hold the target up for seconds.
 * **FEC horizon.** In-band FEC (Opus LBRR) carries a lost frame inside the
   *next* packet, which helps only if that packet is here when the lost frame
-  is due. While losses are recent (``fec_hold`` seconds) and the sender's
-  packets carry FEC, the target grows by one frame, so losses are recovered
-  instead of concealed. On a clean link that frame is never spent.
+  is due. While the link loses packets (``FEC_GAPS`` short gaps, of at most
+  ``FEC_GAP`` frames, within ``fec_hold`` seconds) and the sender's packets
+  carry FEC, the target grows by one frame, so losses are recovered instead
+  of concealed. On a clean link that frame is never spent, and an outage
+  (a long gap, which FEC cannot fill) does not open it.
 * **The slot clock.** Frames are played one per ``frame`` seconds of local
   time, like an audio device pulling 20 ms at a time. At each slot the
   *current delay* is how long after the fastest-path arrival the next frame
@@ -79,6 +81,10 @@ COMPRESS_ABOVE = 0.001
 EARLY_TOLERANCE = 0.0005
 #: A packet this many frames ahead of the next one to play restarts the stream.
 RESET_FRAMES = 100
+#: A gap of at most this many missing frames is one FEC can help with (it rebuilds the last).
+FEC_GAP = 3
+#: Such gaps within fec_hold that open the FEC horizon: one lost packet is not a lossy link.
+FEC_GAPS = 2
 #: Packets arriving closer together than this came in one delivery (a burst after a stall):
 #: only the first of them counts in the delay window, so one stall is one sample, not ten.
 BURST_GAP = 0.002
@@ -281,7 +287,7 @@ class JitterBuffer:
         self._target_at: float | None = None
         self._concealed_run = 0
         self._concealed: deque[int] = deque(maxlen=64)  # recently concealed seqs: late, not dup
-        self._loss_at: float | None = None
+        self._fec_gaps: deque[float] = deque(maxlen=FEC_GAPS)  # when recent short gaps ended
         self._fec_at: float | None = None
         self._patience = 0
         self._last_wait = 0.0
@@ -393,12 +399,13 @@ class JitterBuffer:
         self.stats.target = self._target
 
     def _fec_horizon(self, now: float) -> bool:
-        """Losses are recent and the sender protects its frames: wait one frame for FEC."""
+        """The link loses packets and the sender protects its frames: wait one frame for FEC."""
         hold = self.config.fec_hold
+        gaps = self._fec_gaps
         return (
-            self._loss_at is not None
+            len(gaps) == FEC_GAPS
+            and now - gaps[0] <= hold
             and self._fec_at is not None
-            and now - self._loss_at <= hold
             and now - self._fec_at <= hold
         )
 
@@ -425,6 +432,8 @@ class JitterBuffer:
         return self._play(packet, slot, now, current)
 
     def _play(self, packet: _Packet, slot: float, now: float, current: float) -> Slot:
+        if 0 < self._concealed_run <= FEC_GAP:
+            self._fec_gaps.append(slot)
         self._concealed_run = 0
         wait = self._played(packet, now)
         self._advance(slot, packet.timestamp)
@@ -470,7 +479,6 @@ class JitterBuffer:
     def _missing(self, slot: float) -> Slot | None:
         """The frame due now is not here: FEC from the next packet, concealment, or idle."""
         stats = self.stats
-        self._loss_at = slot
         if self._concealed_run >= self._max_conceal:
             stats.skipped += 1
             self._concealed.append(self._next_seq)

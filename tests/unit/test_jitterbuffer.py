@@ -297,6 +297,20 @@ def test_fec_horizon_ends_after_the_losses_do() -> None:
     assert max(run.waits(since=10 + 10 + 10 + 2)) <= 0.004
 
 
+def test_an_outage_or_one_lost_packet_does_not_open_the_fec_horizon() -> None:
+    # A 300 ms outage and, 5 s later, one lost packet, from a sender whose packets carry
+    # FEC: neither is a lossy link (FEC cannot fill an outage), so the delay stays clean.
+    def transit(i: int, rng: random.Random) -> float | None:
+        return None if 300 <= i < 315 or i == 550 else 0.010
+
+    sent = stream(800, transit, fec=True)
+    run = play(sent, fec=True)
+    assert run.buffer.stats.fec == 0
+    assert max(run.waits(since=10 + 315 * FRAME)) == pytest.approx(
+        run.buffer.config.margin, abs=1e-6
+    )
+
+
 def test_burst_loss_conceals_the_burst_and_keeps_the_delay() -> None:
     bursts = {300, 301, 302, 800, 801, 802, 803}
     sent = stream(1200, lambda i, rng: None if i in bursts else 0.010)
