@@ -21,13 +21,14 @@ lint: bootstrap
 test: bootstrap lint
 	$(SUDO) $(PY) -m pytest -q $(PYTEST_ARGS)
 
-# Three benchmarks, each measuring its alternatives side by side in one run (about 20
+# Four benchmarks, each measuring its alternatives side by side in one run (about 25
 # minutes in all); JSON reports in bench-results/. BENCH_ARGS goes to the data-plane one.
 bench: bootstrap
 	mkdir -p bench-results
 	$(SUDO) $(VENV)/bin/relayctl bench --output bench-results/xdp.json $(BENCH_ARGS)
 	$(SUDO) $(PY) -m ctl.bench_redis --sessions 100000 --json | tee bench-results/redis.json
 	$(SUDO) $(PY) -m transceiver.bench --out bench-results/transceiver.json
+	$(SUDO) $(PY) -m transceiver.bench_latency --out bench-results/latency.json
 
 demo: bootstrap
 	$(SUDO) $(VENV)/bin/relayctl demo
