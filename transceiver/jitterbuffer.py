@@ -30,8 +30,9 @@ The model, in the terms the code uses:
   is due. While the link loses packets (``FEC_GAPS`` short gaps, of at most
   ``FEC_GAP`` frames, within ``fec_hold`` seconds) and the sender's packets
   carry FEC, the target grows by one frame, so losses are recovered instead
-  of concealed. On a clean link that frame is never spent, and an outage
-  (a long gap, which FEC cannot fill) does not open it.
+  of concealed. On a clean link that frame is never spent; an outage (a long
+  gap, which FEC cannot fill) does not open it, and a gap whose packet turns
+  up late was jitter, not loss, and no longer counts.
 * **The slot clock.** Frames are played one per ``frame`` seconds of local
   time, like an audio device pulling 20 ms at a time. At each slot the
   *current delay* is how long after the fastest-path arrival the next frame
@@ -287,7 +288,8 @@ class JitterBuffer:
         self._target_at: float | None = None
         self._concealed_run = 0
         self._concealed: deque[int] = deque(maxlen=64)  # recently concealed seqs: late, not dup
-        self._fec_gaps: deque[float] = deque(maxlen=FEC_GAPS)  # when recent short gaps ended
+        # Recent short gaps: (when the gap ended, its first and last sequence numbers).
+        self._fec_gaps: deque[tuple[float, int, int]] = deque(maxlen=FEC_GAPS)
         self._fec_at: float | None = None
         self._patience = 0
         self._last_wait = 0.0
@@ -320,6 +322,7 @@ class JitterBuffer:
                 stats.late += 1
                 if not burst:
                     self._window.add(now - ext_ts / self.config.rate)
+                self._forget_gap(ext_seq)
             else:
                 stats.duplicate += 1
             return
@@ -335,6 +338,12 @@ class JitterBuffer:
         self._packets[ext_seq] = _Packet(ext_ts, payload, now, fec)
         if self._slot is None:
             self._restart(now)
+
+    def _forget_gap(self, ext_seq: int) -> None:
+        """A concealed frame's packet came after all: that gap was lateness, not loss."""
+        for gap in list(self._fec_gaps):
+            if gap[1] <= ext_seq <= gap[2]:
+                self._fec_gaps.remove(gap)
 
     def _on_time(self, ext_ts: int, now: float) -> bool:
         """Whether a packet is within a frame of its due time (not one that came late)."""
@@ -404,7 +413,7 @@ class JitterBuffer:
         gaps = self._fec_gaps
         return (
             len(gaps) == FEC_GAPS
-            and now - gaps[0] <= hold
+            and now - gaps[0][0] <= hold
             and self._fec_at is not None
             and now - self._fec_at <= hold
         )
@@ -432,8 +441,10 @@ class JitterBuffer:
         return self._play(packet, slot, now, current)
 
     def _play(self, packet: _Packet, slot: float, now: float, current: float) -> Slot:
-        if 0 < self._concealed_run <= FEC_GAP:
-            self._fec_gaps.append(slot)
+        run = self._concealed_run
+        if 0 < run <= FEC_GAP:
+            first = self._next_seq - run
+            self._fec_gaps.append((slot, first, self._next_seq - 1))
         self._concealed_run = 0
         wait = self._played(packet, now)
         self._advance(slot, packet.timestamp)

@@ -494,3 +494,14 @@ def test_target_rises_fast_and_falls_slowly() -> None:
     assert targets[21.0] - targets[22.0] <= buffer.config.fall_rate + 1e-9
     assert targets[26.0] == pytest.approx(margin)
     assert run.buffer.target == pytest.approx(margin)
+
+
+def test_late_packets_are_jitter_not_loss_for_the_fec_horizon() -> None:
+    # Every 100th packet comes 100 ms late (after its slot): concealed each time, but
+    # they all arrive, so the link is not lossy and the target keeps no FEC frame.
+    sent = stream(1000, lambda i, rng: 0.110 if i % 100 == 50 else 0.010, fec=True)
+    run = play(sent, fec=True)
+    stats = run.buffer.stats
+    assert stats.late == 10 and stats.concealed == 10
+    assert stats.fec == 0
+    assert max(run.waits(since=12)) == pytest.approx(run.buffer.config.margin, abs=1e-6)
