@@ -84,6 +84,7 @@ class Variant:
     aiortc_fast: bool
     legacy_playback: bool
     description: str
+    opus_complexity: int | None = None  # the voice encoder's (None: its default)
 
 
 VARIANT_LIST: tuple[Variant, ...] = (
@@ -106,8 +107,17 @@ VARIANT_LIST: tuple[Variant, ...] = (
         legacy_playback=False,
         description="everything: transceiver/aiortc_fast.py and the playback fixes",
     ),
+    Variant(
+        "after-c3",
+        aiortc_fast=True,
+        legacy_playback=False,
+        description="everything, the Opus encoder at complexity 3 (not in the default run)",
+        opus_complexity=3,
+    ),
 )
 VARIANTS: tuple[str, ...] = tuple(v.name for v in VARIANT_LIST)
+#: What a run without --variants compares (after-c3 is for choosing the encoder's complexity).
+DEFAULT_VARIANTS: tuple[str, ...] = ("before", "stock-aiortc", "after")
 DEFAULT_STEPS = (5, 10, 15, 20, 25, 30, 35, 40)
 READY_TIMEOUT = 60.0
 #: A client saturating its core above this share measured itself, not the worker.
@@ -123,7 +133,7 @@ class BenchConfig:
     """What to measure and the pass criteria (seconds, ratios)."""
 
     steps: list[int] = field(default_factory=lambda: list(DEFAULT_STEPS))
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
     duration: float = 20.0
     warmup: float = 5.0
     stagger: float = 0.05
@@ -311,6 +321,8 @@ class Bench:
                 continue
             wenv = dict(env, SPLITRELAY_AIORTC_FAST="1" if spec.aiortc_fast else "0")
             legacy = ["--legacy-playback"] if spec.legacy_playback else []
+            if spec.opus_complexity is not None:
+                legacy += ["--opus-complexity", str(spec.opus_complexity)]
             worker = Process(
                 self.ns,
                 f"the {variant} worker",
@@ -345,6 +357,11 @@ class Bench:
                 raise BenchError(
                     f"the {variant} worker came up with aiortc_fast={got[0]}, "
                     f"legacy_playback={got[1]}"
+                )
+            if spec.opus_complexity not in (None, info.get("opus_complexity")):
+                raise BenchError(
+                    f"the {variant} worker came up with Opus complexity "
+                    f"{info.get('opus_complexity')}, not {spec.opus_complexity}"
                 )
 
     def down(self) -> None:
@@ -594,7 +611,7 @@ def render(result: dict[str, Any]) -> str:
 )
 @click.option(
     "--variants",
-    default=",".join(VARIANTS),
+    default=",".join(DEFAULT_VARIANTS),
     show_default=True,
     help="Worker variants, among: " + ", ".join(VARIANTS) + ".",
 )

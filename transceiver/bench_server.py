@@ -239,6 +239,7 @@ def use_legacy_playback() -> None:
 
 async def run_worker(args: argparse.Namespace) -> None:
     from transceiver import aiortc_fast
+    from transceiver.opus import voice_settings
     from transceiver.pool import InProcessPool
     from transceiver.signaling import make_app
     from transceiver.worker import Worker, WorkerConfig
@@ -255,6 +256,7 @@ async def run_worker(args: argparse.Namespace) -> None:
             relays=[_hostport(args.relay)],
             public_candidates=[_hostport(args.public)],
             max_calls=args.max_calls,
+            voice=voice_settings(complexity=args.opus_complexity),
         )
     )
     direct_worker = Worker(
@@ -266,6 +268,7 @@ async def run_worker(args: argparse.Namespace) -> None:
             public_candidates=[direct],
             max_calls=args.max_calls,
             direct=True,
+            voice=voice_settings(complexity=args.opus_complexity),
         )
     )
     workers = [relay_worker, direct_worker]
@@ -289,6 +292,7 @@ async def run_worker(args: argparse.Namespace) -> None:
         "pid": os.getpid(),
         "aiortc_fast": aiortc_fast.applied(),
         "legacy_playback": bool(args.legacy_playback),
+        "opus_complexity": relay_worker.config.voice.complexity,
         "cpu": sorted(os.sched_getaffinity(0)),
     }
     print("READY " + json.dumps(ready), flush=True)
@@ -345,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--direct-signal", required=True)
     worker.add_argument("--max-calls", type=int, default=128)
     worker.add_argument("--legacy-playback", action="store_true")
+    worker.add_argument("--opus-complexity", type=int, default=None)
     relay = roles.add_parser("relay")
     relay.add_argument("--cpu", type=int)
     relay.add_argument("--public", required=True)

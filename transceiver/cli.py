@@ -428,6 +428,24 @@ def jitter_config(min_ms: float, max_ms: float) -> JitterConfig:
     help="Origin allowed to call from a browser (repeat)  [default: any]",
 )
 @jitter_options(env=True)
+@click.option(
+    "--opus-bitrate",
+    type=click.IntRange(6000, 510000),
+    default=None,
+    envvar=ENV + "OPUS_BITRATE",
+    show_envvar=True,
+    show_default="40000",
+    help="Bit rate of the audio sent to callers (in-band FEC needs about 40 kbit/s).",
+)
+@click.option(
+    "--opus-complexity",
+    type=click.IntRange(0, 10),
+    default=None,
+    envvar=ENV + "OPUS_COMPLEXITY",
+    show_envvar=True,
+    show_default="5",
+    help="Opus encoder complexity: quality against CPU per call (docs/audio.md).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def run(
     listen: tuple[str, int],
@@ -450,6 +468,8 @@ def run(
     cors_origins: tuple[str, ...],
     jitter_min_ms: float,
     jitter_max_ms: float,
+    opus_bitrate: int | None,
+    opus_complexity: int | None,
     verbose: bool,
 ) -> None:
     """Serve signaling and run the worker processes until SIGTERM, then drain."""
@@ -498,6 +518,8 @@ def run(
         log_level=level,
         jitter_min_delay=jitter.min_delay,
         jitter_max_delay=jitter.max_delay,
+        opus_bitrate=opus_bitrate,
+        opus_complexity=opus_complexity,
     )
     hooks = None
     if redis_url:

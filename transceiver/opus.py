@@ -54,7 +54,7 @@ import ctypes
 import ctypes.util
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Self
 
 SAMPLE_RATE = 48000
@@ -546,6 +546,16 @@ class VoiceSettings:
         if not math.isfinite(percent):
             return self.max_expected_loss if percent > 0 else self.min_expected_loss
         return max(self.min_expected_loss, min(self.max_expected_loss, round(percent)))
+
+
+def voice_settings(bitrate: int | None = None, complexity: int | None = None) -> VoiceSettings:
+    """VoiceSettings with an operator's bitrate and complexity (None: the default)."""
+    changes: dict[str, int] = {}
+    if bitrate is not None:
+        changes["bitrate"] = bitrate
+    if complexity is not None:
+        changes["complexity"] = complexity
+    return replace(VoiceSettings(), **changes)
 
 
 class Encoder(_Codec):

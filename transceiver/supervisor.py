@@ -100,6 +100,8 @@ class WorkerSpec:
     log_level: int = logging.INFO
     jitter_min_delay: float = 0.0
     jitter_max_delay: float = 0.5
+    opus_bitrate: int | None = None
+    opus_complexity: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -179,6 +181,8 @@ class SupervisorConfig:
     unhealthy_after: float = UNHEALTHY_AFTER
     jitter_min_delay: float = 0.0
     jitter_max_delay: float = 0.5
+    opus_bitrate: int | None = None  # None: VoiceSettings' default
+    opus_complexity: int | None = None
 
     def validate(self) -> None:
         """Refuse a configuration no worker could run with (SupervisorError, one line)."""
@@ -215,6 +219,8 @@ class SupervisorConfig:
                 log_level=self.log_level,
                 jitter_min_delay=self.jitter_min_delay,
                 jitter_max_delay=self.jitter_max_delay,
+                opus_bitrate=self.opus_bitrate,
+                opus_complexity=self.opus_complexity,
             )
             for i in range(self.workers)
         ]
@@ -249,6 +255,7 @@ def load_backends() -> list[str]:
 def worker_config(spec: WorkerSpec) -> Any:
     """The Worker's own config from a spec (validates: a bad value raises ValueError)."""
     from transceiver.jitterbuffer import JitterConfig
+    from transceiver.opus import voice_settings
     from transceiver.worker import WorkerConfig
 
     return WorkerConfig(
@@ -261,6 +268,7 @@ def worker_config(spec: WorkerSpec) -> Any:
         backend=spec.backend,
         backend_options=dict(spec.backend_options),
         jitter=JitterConfig(min_delay=spec.jitter_min_delay, max_delay=spec.jitter_max_delay),
+        voice=voice_settings(spec.opus_bitrate, spec.opus_complexity),
     )
 
 

@@ -120,6 +120,10 @@ def test_call_help() -> None:
         (["call", "127.0.0.1:8080"], "http://"),
         (["call", "http://127.0.0.1:8080", "--calls", "0"], "--calls"),
         (["call", "http://127.0.0.1:8080", "--duration", "0"], "--duration"),
+        ([*GOOD_RUN, "--opus-complexity", "11"], "--opus-complexity"),
+        ([*GOOD_RUN, "--opus-bitrate", "1000"], "--opus-bitrate"),
+        ([*GOOD_RUN, "--jitter-min-ms", "80", "--jitter-max-ms", "40"], "above --jitter-max-ms"),
+        (["call", "http://127.0.0.1:8080", "--jitter-max-ms", "9000"], "--jitter-max-ms"),
         (["nope"], "No such command"),
     ],
 )

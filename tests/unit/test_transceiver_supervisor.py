@@ -218,3 +218,34 @@ def test_health_hooks_fire_once_per_change_and_never_while_draining() -> None:
 def test_unhealthy_after_must_be_positive() -> None:
     with pytest.raises(SupervisorError, match="unhealthy_after"):
         config(40000, unhealthy_after=0).validate()
+
+
+def test_the_audio_options_reach_every_worker_config(tmp_path: Path) -> None:
+    from transceiver.supervisor import SupervisorConfig, WorkerSpec, worker_config
+
+    config = SupervisorConfig(
+        listen_host="127.0.0.1",
+        listen_port=0,
+        workers=2,
+        base_transceiver_id=0xA001,
+        tunnel_host="127.0.0.1",
+        base_tunnel_port=3480,
+        relays=[("127.0.0.2", 3479)],
+        public_candidates=[("127.0.0.3", 3478)],
+        max_calls=4,
+        jitter_min_delay=0.02,
+        jitter_max_delay=0.2,
+        opus_bitrate=48000,
+        opus_complexity=3,
+    )
+    for spec in config.specs(tmp_path):
+        # Through the JSON a worker process is started with, as in production.
+        worker = worker_config(WorkerSpec.from_json(spec.to_json()))
+        assert (worker.jitter.min_delay, worker.jitter.max_delay) == (0.02, 0.2)
+        assert (worker.voice.bitrate, worker.voice.complexity) == (48000, 3)
+    defaults = worker_config(
+        SupervisorConfig(
+            **{**config.__dict__, "opus_bitrate": None, "opus_complexity": None}
+        ).specs(tmp_path)[0]
+    )
+    assert defaults.voice.bitrate == 40000 and defaults.voice.complexity == 5

@@ -131,3 +131,12 @@ def test_fec_rides_along_only_once_loss_is_reported(loss: float) -> None:
         assert with_lbrr >= 60, with_lbrr  # the voiced part of every syllable
     else:
         assert with_lbrr == 0
+
+
+def test_operator_settings_replace_only_what_they_name() -> None:
+    assert opus.voice_settings() == opus.VoiceSettings()
+    chosen = opus.voice_settings(bitrate=64000, complexity=3)
+    assert (chosen.bitrate, chosen.complexity) == (64000, 3)
+    assert chosen.fec and chosen.mono  # the rest stays the voice defaults
+    with pytest.raises(ValueError, match="complexity"):
+        opus.voice_settings(complexity=11)
