@@ -36,9 +36,10 @@ INPUT_CHANNELS = 2
 SAMPLE_BYTES = 2
 #: Default bound of audio_out: 10 frames = 200 ms of audio queued at most.
 AUDIO_OUT_FRAMES = 10
-#: The echo's bound: 3 frames = 60 ms, which the playback pacing may send early
-#: (session.PLAYBACK_BURST), so after a stall the queue drains instead of staying.
-ECHO_FRAMES = 3
+#: The echo's bound: 1 frame. What it echoes arrives on the jitter buffer's clock, one
+#: frame per 20 ms, as fast as the playback pacing takes it; a second frame waiting is
+#: delay that nothing would ever drain (a standing queue), so the older one is dropped.
+ECHO_FRAMES = 1
 
 Event = dict[str, Any]
 
@@ -134,10 +135,12 @@ class EchoBackend:
     """Plays the caller's audio back, unchanged: the end-to-end latency probe.
 
     Audio: every received frame is queued for playback at once; when the
-    queue is full (ECHO_FRAMES) the oldest frame is dropped, so a stall never
-    turns into permanent delay: the echo arrives in real time, as fast as it
-    is played, so frames that piled up behind a stall would otherwise stay
-    queued, as delay, for the rest of the call. Events: ``input_audio_buffer.speech_started`` /
+    queue is full (ECHO_FRAMES, one frame) the older frame is dropped, so
+    neither a stall nor a jitter buffer shedding its excess (it hands frames
+    over early, which the pacing holds once they are 60 ms ahead) turns into
+    permanent delay: the echo arrives in real time, as fast as it is played,
+    so frames that piled up would otherwise stay queued, as delay, for the
+    rest of the call. Events: ``input_audio_buffer.speech_started`` /
     ``speech_stopped`` from a level detector; ``session.update`` is answered
     with ``session.updated``; any other client event comes back as
     ``{"type": "echo", "event": <the event>}`` (the data channel round trip).

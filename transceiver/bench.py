@@ -25,8 +25,12 @@ any drift of the machine hits them alike (``VARIANT_LIST``): ``before`` (the
 transceiver as it was before the performance work: aiortc as released via
 ``SPLITRELAY_AIORTC_FAST=0``, and the old playback pacing and echo queue,
 kept in transceiver/bench_server.py as the reference), ``stock-aiortc``
-(aiortc as released, today's playback) and ``after`` (everything). The
-clients are identical in all of them.
+(aiortc as released, today's playback), ``release`` (the transceiver of the
+last release before the adaptive audio path, its worker run from that
+commit's own source, extracted with ``git archive``: what "no fewer calls
+than before" is measured against) and ``after`` (everything). The clients
+are identical in all of them (this tree's). ``after-c3`` (the Opus encoder at
+complexity 3) is there to choose the complexity; it is not in the default run.
 
 Placement (at least 2 CPUs): every worker process is pinned to the last CPU
 of this process' affinity set; the clients and the relay are pinned to the
@@ -49,18 +53,22 @@ transceiver/bench_client.py (the clients, one process per step).
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import platform
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import click
@@ -85,7 +93,13 @@ class Variant:
     legacy_playback: bool
     description: str
     opus_complexity: int | None = None  # the voice encoder's (None: its default)
+    source: str | None = None  # a git revision whose worker runs from its own source
 
+
+#: The commit of the last release before the adaptive audio path: its worker is measured
+#: from its own source (git archive), so "not slower than before" is a side-by-side figure.
+RELEASE_REVISION = "22038ddee1c2c6caac192e6e53ea68c2410febf8"
+REPO = Path(__file__).resolve().parents[1]
 
 VARIANT_LIST: tuple[Variant, ...] = (
     Variant(
@@ -100,6 +114,14 @@ VARIANT_LIST: tuple[Variant, ...] = (
         aiortc_fast=False,
         legacy_playback=False,
         description="aiortc as released, with the playback pacing and echo queue fixes",
+    ),
+    Variant(
+        "release",
+        aiortc_fast=True,
+        legacy_playback=False,
+        description="the transceiver as released before the adaptive audio path "
+        f"({RELEASE_REVISION[:7]}: aiortc's 4-frame buffer, PyAV's encoder), from its own source",
+        source=RELEASE_REVISION,
     ),
     Variant(
         "after",
@@ -117,7 +139,7 @@ VARIANT_LIST: tuple[Variant, ...] = (
 )
 VARIANTS: tuple[str, ...] = tuple(v.name for v in VARIANT_LIST)
 #: What a run without --variants compares (after-c3 is for choosing the encoder's complexity).
-DEFAULT_VARIANTS: tuple[str, ...] = ("before", "stock-aiortc", "after")
+DEFAULT_VARIANTS: tuple[str, ...] = ("before", "stock-aiortc", "release", "after")
 DEFAULT_STEPS = (5, 10, 15, 20, 25, 30, 35, 40)
 READY_TIMEOUT = 60.0
 #: A client saturating its core above this share measured itself, not the worker.
@@ -174,7 +196,14 @@ def _ip(*args: str) -> None:
 class Process:
     """A child in the namespace that prints ``READY {json}`` and stops when stdin closes."""
 
-    def __init__(self, ns: str, name: str, argv: Sequence[str], env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        ns: str,
+        name: str,
+        argv: Sequence[str],
+        env: dict[str, str],
+        cwd: str | None = None,
+    ) -> None:
         self.name = name
         # stderr to a file, not a pipe: nobody reads it while the step runs, and a
         # full pipe would block the child in the middle of a measurement.
@@ -187,6 +216,7 @@ class Process:
             stderr=self.log,
             env=env,
             text=True,
+            cwd=cwd,
         )
         self.info: dict[str, Any] = {}
 
@@ -284,6 +314,7 @@ class Bench:
         self.ns = config.prefix
         self.relay: Process | None = None
         self.workers: dict[str, Process] = {}
+        self.sources: dict[str, Path] = {}  # revision -> its source tree, for `source` variants
 
     def up(self) -> None:
         if netns_exists(self.ns):
@@ -320,6 +351,10 @@ class Bench:
             if variant not in self.config.variants:
                 continue
             wenv = dict(env, SPLITRELAY_AIORTC_FAST="1" if spec.aiortc_fast else "0")
+            cwd = None
+            if spec.source is not None:
+                cwd = str(self._source(spec.source))
+                wenv["PYTHONPATH"] = cwd
             legacy = ["--legacy-playback"] if spec.legacy_playback else []
             if spec.opus_complexity is not None:
                 legacy += ["--opus-complexity", str(spec.opus_complexity)]
@@ -349,6 +384,7 @@ class Bench:
                     *legacy,
                 ],
                 wenv,
+                cwd,
             )
             self.workers[variant] = worker
             info = worker.wait_ready()
@@ -373,6 +409,34 @@ class Bench:
         self.relay = None
         if netns_exists(self.ns):
             remove_netns(self.ns)
+        for tree in self.sources.values():
+            shutil.rmtree(tree, ignore_errors=True)
+        self.sources.clear()
+
+    def _source(self, revision: str) -> Path:
+        """This repository's tree at `revision`, extracted once (git archive) for a variant."""
+        if revision not in self.sources:
+            proc = subprocess.run(
+                ["git", "-C", str(REPO), "archive", "--format=tar", revision],
+                capture_output=True,
+                timeout=120,
+                check=False,
+            )
+            if proc.returncode != 0:
+                why = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["?"]
+                raise BenchError(
+                    f"cannot extract revision {revision[:12]} for the release variant "
+                    f"(it needs this repository's git history): {why[0]}"
+                )
+            tree = Path(tempfile.mkdtemp(prefix="splitrelay-release-"))
+            with tarfile.open(fileobj=io.BytesIO(proc.stdout)) as archive:
+                # Our own repository's archive: regular files and directories only.
+                members = [m for m in archive.getmembers() if m.isfile() or m.isdir()]
+                if any(m.name.startswith("/") or ".." in Path(m.name).parts for m in members):
+                    raise BenchError(f"revision {revision[:12]}'s archive has unsafe paths")
+                archive.extractall(tree, members=members)
+            self.sources[revision] = tree
+        return self.sources[revision]
 
     def _index(self, variant: str) -> int:
         return VARIANTS.index(variant)

@@ -29,7 +29,7 @@ came back intact (markers.ToneMeter: a buffer that drops too much cannot
 look fast), and the worker's mean buffer delay (its /metrics). The clean
 profile also gives the round trip's breakdown by component.
 
-Run as root; about 5 minutes. ``--json`` prints the result, ``--out`` writes
+Run as root; about 4 minutes. ``--json`` prints the result, ``--out`` writes
 it too. Every process is the testbed's and stops with it, also on Ctrl-C.
 """
 
@@ -327,6 +327,9 @@ class LatencyBench:
                 one["outage_recovery_s"] = (
                     None if None in recoveries or not recoveries else round(max(recoveries), 3)
                 )
+                one["outage"] = {"start": start, "end": end, "recoveries_s": recoveries}
+                # Every marker of every call ([unix time back, rtt ms]), to see the recovery.
+                one["samples"] = [c.get("samples", []) for c in summaries[tx.host]["per_call"]]
             figures[variant] = one
         self.say.line("  " + _profile_line(figures))
         return figures
@@ -443,7 +446,7 @@ def render_breakdown(breakdown: Mapping[str, Any]) -> str:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--calls", type=click.IntRange(1, 10), default=2, show_default=True,
               help="Calls per variant and profile.")  # fmt: skip
-@click.option("--duration", type=click.FloatRange(15, 600), default=20.0, show_default=True,
+@click.option("--duration", type=click.FloatRange(15, 600), default=30.0, show_default=True,
               help="Seconds of audio per call (the outage comes at 10 s).")  # fmt: skip
 @click.option("--profile", "names", multiple=True, type=click.Choice([p.name for p in PROFILES]),
               help="Run only these profiles (repeat); default all.")  # fmt: skip

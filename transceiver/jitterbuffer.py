@@ -84,8 +84,8 @@ EARLY_TOLERANCE = 0.0005
 RESET_FRAMES = 100
 #: A gap of at most this many missing frames is one FEC can help with (it rebuilds the last).
 FEC_GAP = 3
-#: Such gaps within fec_hold that open the FEC horizon: one lost packet is not a lossy link.
-FEC_GAPS = 2
+#: Such gaps within fec_hold that open the FEC horizon: a lost packet or two is not a lossy link.
+FEC_GAPS = 3
 #: Packets arriving closer together than this came in one delivery (a burst after a stall):
 #: only the first of them counts in the delay window, so one stall is one sample, not ten.
 BURST_GAP = 0.002
@@ -311,9 +311,10 @@ class JitterBuffer:
         fec = self._has_fec is not None and self._has_fec(payload)
         if fec:
             self._fec_at = now
-        if self._highest_seq < ext_seq < self._next_seq and self._on_time(ext_ts, now):
+        if self._highest_seq < ext_seq < self._next_seq and ext_ts >= self._next_ts:
             # Concealment ran past the newest packet because the sender paused (DTX, or
-            # nothing to say) and its timestamps moved on: the stream goes on from here.
+            # nothing to say): its timestamp is beyond what was concealed, so this is the
+            # stream going on from here. (A packet whose frame was concealed is late.)
             self._next_seq, self._next_ts = ext_seq, ext_ts
         burst = self._last_arrival is not None and now - self._last_arrival < BURST_GAP
         self._last_arrival = now
@@ -344,13 +345,6 @@ class JitterBuffer:
         for gap in list(self._fec_gaps):
             if gap[1] <= ext_seq <= gap[2]:
                 self._fec_gaps.remove(gap)
-
-    def _on_time(self, ext_ts: int, now: float) -> bool:
-        """Whether a packet is within a frame of its due time (not one that came late)."""
-        if not self._window:
-            return True
-        jitter = now - ext_ts / self.config.rate - self._window.minimum()
-        return jitter <= self._target + self._frame
 
     def _reset(self, ext_seq: int, ext_ts: int) -> None:
         """A jump of more than RESET_FRAMES: a new stream in all but SSRC; start over."""
@@ -417,6 +411,17 @@ class JitterBuffer:
             and self._fec_at is not None
             and now - self._fec_at <= hold
         )
+
+    def missing_at(self, now: float) -> bool:
+        """Whether the slot due at ``now`` would find its frame missing (nothing changes).
+
+        The caller may give packets already received, but not yet handed to
+        ``insert``, one more chance before ``pop`` conceals the frame.
+        """
+        slot = self._slot
+        if slot is None or now < slot - EARLY_TOLERANCE:
+            return False
+        return self._next_seq not in self._packets
 
     def pop(self, now: float) -> Slot | None:
         """The decision for the slot due at ``next_slot``; None if it is not due (or moved).
@@ -491,6 +496,8 @@ class JitterBuffer:
         """The frame due now is not here: FEC from the next packet, concealment, or idle."""
         stats = self.stats
         if self._concealed_run >= self._max_conceal:
+            # An outage, not a lossy link: the short gaps at its edges are no evidence either.
+            self._fec_gaps.clear()
             stats.skipped += 1
             self._concealed.append(self._next_seq)
             self._advance(slot, self._next_ts)

@@ -183,8 +183,9 @@ class PlayoutStream:
         self._samples = config.frame_samples
         self._counters = counters
         self._loop = asyncio.get_running_loop()
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
         self._timer_at: float | None = None
+        self._second_chance = False
         self._pts = 0
         counters._add(self)
 
@@ -243,6 +244,15 @@ class PlayoutStream:
         if self._decoder is None:
             return
         now = self._loop.time()
+        if not self._second_chance and self._buffer.missing_at(now):
+            # The frame may be in a datagram already read from the socket whose task
+            # (aiortc's DTLS transport) has not run yet: on a busy loop timers can
+            # overtake it. Let the ready tasks run once before concealing.
+            self._second_chance = True
+            self._timer = self._loop.call_soon(self._on_slot)
+            self._timer_at = self._buffer.next_slot  # so add() does not arm a second one
+            return
+        self._second_chance = False
         slot = self._buffer.pop(now)
         if slot is not None:
             self._emit(slot, now)

@@ -505,3 +505,15 @@ def test_late_packets_are_jitter_not_loss_for_the_fec_horizon() -> None:
     assert stats.late == 10 and stats.concealed == 10
     assert stats.fec == 0
     assert max(run.waits(since=12)) == pytest.approx(run.buffer.config.margin, abs=1e-6)
+
+
+def test_a_packet_just_after_its_concealed_slot_is_late_not_a_new_stream() -> None:
+    # Packet 200 comes 5 ms after its slot (the newest packet then being 199): it covers
+    # a frame already concealed, so it is late; playing it would put the buffer a frame
+    # behind (and make it drop one).
+    def transit(i: int, rng: random.Random) -> float:
+        return 0.010 + (0.008 if i == 200 else 0.0)
+
+    run = play(stream(400, transit))
+    stats = run.buffer.stats
+    assert (stats.late, stats.concealed, stats.dropped) == (1, 1, 0), stats

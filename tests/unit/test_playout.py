@@ -99,18 +99,18 @@ def test_steady_packets_come_out_one_frame_each_decoded_to_stereo() -> None:
 
 
 def test_a_lost_packet_on_a_lossy_link_is_recovered_from_fec() -> None:
-    sent = packets(90)
-    lost = {20, 40, 60}
+    sent = packets(110)
+    lost = {21, 38, 54, 88}  # 88: where the signal's syllable envelope peaks
     schedule = [(k * FRAME, p) for k, p in enumerate(sent) if k not in lost]
     frames, counters, _ = play(schedule)
     snapshot = counters.snapshot()
-    # The first two losses are concealed (the buffer held nothing for them) and show
-    # a lossy link: the buffer waits a frame longer, so the third lost frame is rebuilt
+    # The first three losses are concealed (the buffer held nothing for them) and show
+    # a lossy link: the buffer waits a frame longer, so the fourth lost frame is rebuilt
     # from the FEC in the packet after it.
     assert snapshot["fec"] == 1
-    assert snapshot["played"] == 87
+    assert snapshot["played"] == 106
     audio = frames[:-1]
-    rebuilt = audio[60]  # the frame in slot 60: a slot per frame, lost or not
+    rebuilt = audio[88]  # the frame in slot 88: a slot per frame, lost or not
     assert max(array("h", bytes(rebuilt.planes[0]))) > 1000  # voice, not silence
 
 

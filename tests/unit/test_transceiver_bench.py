@@ -81,7 +81,7 @@ def test_config_is_validated() -> None:
         with pytest.raises(bench.BenchError):
             bench.BenchConfig(**bad).validate()
     bench.BenchConfig().validate()
-    assert bench.DEFAULT_VARIANTS == ("before", "stock-aiortc", "after")
+    assert bench.DEFAULT_VARIANTS == ("before", "stock-aiortc", "release", "after")
     assert set(bench.DEFAULT_VARIANTS) < set(bench.VARIANTS)
 
 
