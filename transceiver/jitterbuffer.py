@@ -200,7 +200,6 @@ class JitterStats:
     overflow: int = 0  # packets dropped because the buffer was full or the stream jumped
     skipped: int = 0  # frames never played nor concealed (an outage longer than max_conceal)
     resets: int = 0
-    delay_sum: float = 0.0  # sum of the played frames' waits, for the mean
     target: float = 0.0  # the target delay now
 
 
@@ -292,7 +291,6 @@ class JitterBuffer:
         self._fec_gaps: deque[tuple[float, int, int]] = deque(maxlen=FEC_GAPS)
         self._fec_at: float | None = None
         self._patience = 0
-        self._last_wait = 0.0
         self._last_arrival: float | None = None
 
     # ------------------------------------------------------------------ input
@@ -479,18 +477,14 @@ class JitterBuffer:
             raise RuntimeError("drop() without a frame to play instead")
         self.stats.dropped += 1
         self.stats.played -= 1  # pop() counted the dropped frame as played
-        self.stats.delay_sum -= self._last_wait
         self._patience = 0
         self._step(packet.timestamp)
         return Slot(SlotKind.PLAY, packet.payload, self._played(packet, now))
 
     def _played(self, packet: _Packet, now: float) -> float:
         """Count one played frame; return how long its packet waited."""
-        wait = max(0.0, now - packet.arrival)
         self.stats.played += 1
-        self.stats.delay_sum += wait
-        self._last_wait = wait
-        return wait
+        return max(0.0, now - packet.arrival)
 
     def _missing(self, slot: float) -> Slot | None:
         """The frame due now is not here: FEC from the next packet, concealment, or idle."""

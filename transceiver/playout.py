@@ -58,7 +58,7 @@ log = logging.getLogger("splitrelay.transceiver.playout")
 QUIET_PEAK = 1000
 _TIME_BASE = fractions.Fraction(1, opus.SAMPLE_RATE)
 #: JitterStats fields summed over streams (target is a level, not a count).
-_COUNTED = tuple(f.name for f in fields(JitterStats) if f.name not in ("target", "delay_sum"))
+_COUNTED = tuple(f.name for f in fields(JitterStats) if f.name != "target")
 
 
 class PlayoutCounters:
