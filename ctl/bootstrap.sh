@@ -21,6 +21,9 @@ PACKAGES=(
 )
 if [ "${SPLITRELAY_BOOTSTRAP:-full}" != runtime ]; then
   PACKAGES+=(netsniff-ng xdp-tools tcpdump vagrant vagrant-libvirt shellcheck)
+  # An independent WebRTC stack for the interop tests: GStreamer's webrtcbin.
+  PACKAGES+=(gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
+             gstreamer1.0-nice python3-gst-1.0 gir1.2-gst-plugins-bad-1.0)
 fi
 missing=()
 for pkg in "${PACKAGES[@]}"; do

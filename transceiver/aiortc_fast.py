@@ -43,6 +43,15 @@ The audio path (behaviour changes, each for latency or loss):
     with packet-loss concealment and FEC recovery. Its configuration and
     counters come from ``playout.register`` (the session and the voice client
     register their receivers). Video keeps aiortc's path.
+``dtls_rsa_suites``
+    ``RTCCertificate._create_ssl_context`` offers only ECDHE-ECDSA cipher
+    suites, so when the transceiver is the DTLS client (it answers with
+    ``a=setup:active``, as browsers do) a peer whose certificate is RSA
+    (GStreamer's webrtcbin, so most WHIP clients) has no suite in common
+    and the handshake fails. The context now also offers the ECDHE-RSA
+    suites of the same strength, after the ECDSA ones; aiortc's own
+    certificate stays ECDSA, so as a DTLS server it still picks ECDSA.
+
 ``opus_fec_sdp``
     aiortc's Opus codec parameters gain ``useinbandfec=1`` (RFC 7587), so
     offers and answers tell the other side this end decodes FEC, which is
@@ -99,6 +108,10 @@ _ORIGINALS: dict[str, tuple[str, str]] = {
     "adaptive_playout": (
         "aiortc.rtcrtpreceiver:RTCRtpReceiver.receive",
         "d6d8d8d7a0bf4e95f3fb7cb78cf275d0a5f50c4912e0cb8498272008779916ef",
+    ),
+    "dtls_rsa_suites": (
+        "aiortc.rtcdtlstransport:RTCCertificate._create_ssl_context",
+        "aac625bdc264f0a6d4aebcb325a45941aaf753b6b4d33934d311e34344abad77",
     ),
     "opus_fec_sdp": (
         "aiortc.rtcpeerconnection:find_common_codecs",
@@ -177,6 +190,7 @@ def apply() -> dict[str, bool]:
         "voice_encoder": _patch_sender,
         "loss_feedback": _patch_loss_feedback,
         "adaptive_playout": _patch_receiver,
+        "dtls_rsa_suites": _patch_dtls_ciphers,
         "opus_fec_sdp": _patch_opus_parameters,
     }
     for name, install in installers.items():
@@ -364,6 +378,39 @@ def _patch_receiver() -> None:
             self._RTCRtpReceiver__started = True
 
     receiver_cls.receive = receive
+
+
+# ---------------------------------------------------------------------- DTLS
+
+#: aiortc's suites first (what it negotiates with every browser today), then the same
+#: with RSA authentication, for peers whose certificate is RSA.
+DTLS_CIPHERS = b":".join(
+    (
+        b"ECDHE-ECDSA-AES128-GCM-SHA256",
+        b"ECDHE-ECDSA-CHACHA20-POLY1305",
+        b"ECDHE-ECDSA-AES128-SHA",
+        b"ECDHE-ECDSA-AES256-SHA",
+        b"ECDHE-RSA-AES128-GCM-SHA256",
+        b"ECDHE-RSA-CHACHA20-POLY1305",
+        b"ECDHE-RSA-AES128-SHA",
+        b"ECDHE-RSA-AES256-SHA",
+    )
+)
+
+
+def _patch_dtls_ciphers() -> None:
+    from aiortc import rtcdtlstransport
+
+    certificate_cls = rtcdtlstransport.RTCCertificate
+    stock = certificate_cls._create_ssl_context
+
+    def _create_ssl_context(self: Any, srtp_profiles: Any) -> Any:
+        """aiortc's DTLS context, also offering the ECDHE-RSA suites."""
+        ctx = stock(self, srtp_profiles)
+        ctx.set_cipher_list(DTLS_CIPHERS)
+        return ctx
+
+    certificate_cls._create_ssl_context = _create_ssl_context
 
 
 # ---------------------------------------------------------------------- SDP

@@ -234,3 +234,16 @@ def test_a_loopback_call_plays_through_the_adaptive_buffer_and_the_voice_encoder
         assert counters.snapshot()["streams"] == 0  # the stream ended with the call
 
     asyncio.run(asyncio.wait_for(body(), 60))
+
+
+def test_dtls_offers_ecdhe_rsa_next_to_ecdsa() -> None:
+    from aiortc.rtcdtlstransport import SRTP_AES128_CM_SHA1_80, RTCCertificate
+    from OpenSSL import SSL
+
+    certificate = RTCCertificate.generateCertificate()
+    ctx = certificate._create_ssl_context([SRTP_AES128_CM_SHA1_80])
+    # (TLS 1.3 suites come first in the list and do not apply to DTLS 1.2.)
+    ciphers = [c for c in SSL.Connection(ctx, None).get_cipher_list() if c.startswith("ECDHE")]
+    # ECDSA first (what every browser gets today), then RSA for RSA-certificate peers.
+    assert ciphers[:2] == ["ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-CHACHA20-POLY1305"]
+    assert {"ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-SHA"} <= set(ciphers)
